@@ -12,7 +12,6 @@ Initialisers for the audio branch: ``openai/whisper-tiny`` (transformers, positi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from smart_turn_mm.locations import find_smart_turn_v3_onnx
 from smart_turn_mm.model import ModelConfig, SmartTurnMultimodal
 
 __all__ = [
@@ -45,8 +45,6 @@ FORMAT_VERSION = 1
 # torchvision's published Kinetics-400 R3D-18 weights; the hex suffix is a SHA-256 prefix that
 # torch.hub checks.
 KINETICS_R3D18_URL = "https://download.pytorch.org/models/r3d_18-b3b3357e.pth"
-# Where the real trained Smart Turn v3.2 model ships inside the ``pipecat-ai`` wheel.
-PIPECAT_V3_ONNX = ("audio", "turn", "smart_turn", "data", "smart-turn-v3.2-cpu.onnx")
 AUDIO_PREFIXES = ("encoder.", "pool_attention.", "classifier.")
 
 
@@ -237,18 +235,6 @@ def init_audio_from_whisper(
             f"{name_or_path} does not fit the audio encoder (config {model.config}): "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-
-
-def find_smart_turn_v3_onnx() -> Path | None:
-    """The Smart Turn v3.2 ONNX shipped in the installed ``pipecat-ai`` package, if any."""
-    spec = importlib.util.find_spec("pipecat")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        candidate = Path(root).joinpath(*PIPECAT_V3_ONNX)
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def _dequantize(
