@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from signals import speech_like
 
 from smart_turn_mm.audio import whisper_features
 from smart_turn_mm.inference import (
@@ -19,7 +20,6 @@ from smart_turn_mm.inference import (
     predict_endpoint,
     resolve_model_path,
 )
-from tests.signals import speech_like
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from signals import speech_like
 
 from smart_turn_mm.model import R3D18, ModelConfig, SmartTurnMultimodal
 from smart_turn_mm.weights import (
@@ -18,7 +19,6 @@ from smart_turn_mm.weights import (
     save_pretrained,
     smart_turn_onnx_state_dict,
 )
-from tests.signals import speech_like
 
 
 def _features(n: int = 4) -> np.ndarray:

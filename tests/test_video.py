@@ -1,0 +1,230 @@
+"""The video front end: tail decoding, padding, normalisation, crops and input errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from media import face_frames, read_index, write_audio_only, write_test_video
+
+from smart_turn_mm import face as F
+from smart_turn_mm import video as V
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    """H.264 (with B-frames) at 30 fps: 10 s at 160 x 128 (frame indices only), also with a
+    keyframe every second and AAC audio; 3 s and 20 frames at 320 x 240 with a face; and
+    broken files."""
+    root = tmp_path_factory.mktemp("clips")
+    small = face_frames(300, 128, 160, face=False)
+    frames = face_frames(90)
+    paths = {name: root / f"{name}.mp4" for name in ("long", "short3s", "tiny", "gop30")}
+    write_test_video(paths["long"], small)
+    write_test_video(paths["gop30"], small, gop_size=30, audio=True)
+    write_test_video(paths["short3s"], frames)
+    write_test_video(paths["tiny"], frames[:20])
+    data = paths["short3s"].read_bytes()
+    paths["truncated"] = root / "truncated.mp4"
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    paths["random"] = root / "random.mp4"
+    paths["random"].write_bytes(np.random.default_rng(0).bytes(20_000))
+    paths["audio"] = root / "audio.m4a"
+    write_audio_only(paths["audio"])
+    paths["cover"] = root / "cover.mp3"
+    write_audio_only(paths["cover"], cover_art=True)
+    return paths
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("name", ["long", "gop30", "short3s"])
+def test_read_last_frames_returns_the_last_32(clips, name):
+    total, shape = (90, (240, 320, 3)) if name == "short3s" else (300, (128, 160, 3))
+    frames, fps = V.read_last_frames(clips[name])
+    assert fps == 30.0
+    assert len(frames) == V.NUM_FRAMES
+    assert all(f.shape == shape and f.dtype == np.uint8 for f in frames)
+    assert [read_index(f) for f in frames] == list(range(total - V.NUM_FRAMES, total))
+
+
+def test_read_last_frames_of_a_short_clip(clips):
+    frames, _ = V.read_last_frames(clips["tiny"])
+    assert [read_index(f) for f in frames] == list(range(20))
+
+
+@pytest.mark.parametrize("name", ["long", "gop30"])
+def test_long_files_are_not_decoded_whole(clips, name):
+    tail = V._decode_tail(clips[name], V.NUM_FRAMES)
+    assert tail.seeked
+    # Only the frames from the keyframe before the tail (libx264's default keyframe interval
+    # is 250 frames; gop30 has one every 30), less those skipped as unreferenced.
+    assert V.NUM_FRAMES <= tail.num_decoded <= (60 if name == "long" else 80)
+
+
+@pytest.mark.parametrize("name", ["long", "gop30", "short3s"])
+def test_fast_tail_equals_a_full_decode(clips, name):
+    fast = V._decode(str(clips[name]), V.NUM_FRAMES, fast=True)
+    full = V._decode(str(clips[name]), V.NUM_FRAMES, fast=False)
+    assert full.num_decoded == (90 if name == "short3s" else 300)
+    assert fast.num_decoded < full.num_decoded
+    assert [f.pts for f in fast.frames] == [f.pts for f in full.frames]
+    for a, b in zip(fast.frames, full.frames, strict=True):
+        np.testing.assert_array_equal(a.to_ndarray(format="rgb24"), b.to_ndarray(format="rgb24"))
+
+
+def test_a_wrong_duration_falls_back_to_a_full_decode(clips, monkeypatch):
+    # A container that claims a much longer duration: the seek lands past the end.
+    monkeypatch.setattr(V, "_window_start", lambda stream, n: 10**9)
+    frames, _ = V.read_last_frames(clips["short3s"])
+    assert [read_index(f) for f in frames] == list(range(58, 90))
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def test_pad_frames_repeats_the_last_frame():
+    frames = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8)
+    padded = V.pad_frames(frames, 8)
+    assert padded.shape == (8, 2, 2, 3)
+    assert [int(f[0, 0, 0]) for f in padded] == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert [int(f[0, 0, 0]) for f in V.pad_frames(frames, 3)] == [2, 3, 4]
+    assert V.pad_frames(list(range(3)), 5) == [0, 1, 2, 2, 2]
+    assert V.pad_frames(list(range(6)), 4) == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="at least one frame"):
+        V.pad_frames([], 4)
+
+
+def test_normalize_clip_values_and_layout():
+    clip = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    clip[1, 2, 3] = (255, 0, 128)
+    out = V.normalize_clip(clip)
+    assert out.shape == (3, 2, 4, 4) and out.dtype == np.float32
+    mean, std = np.asarray(V.KINETICS_MEAN), np.asarray(V.KINETICS_STD)
+    expected = (np.array([255, 0, 128]) / 255.0 - mean) / std
+    np.testing.assert_allclose(out[:, 1, 2, 3], expected, rtol=1e-6)
+    np.testing.assert_allclose(out[:, 0, 0, 0], -mean / std, rtol=1e-6)
+    assert out[0, 1, 2, 3] == pytest.approx((1 - 0.43216) / 0.22803)
+    with pytest.raises(TypeError, match="uint8"):
+        V.normalize_clip(clip.astype(np.float32))
+
+
+def test_prepare_video_from_a_file(clips):
+    clip = V.prepare_video(clips["short3s"])
+    assert clip.pixel_values.shape == (3, 32, 112, 112)
+    assert clip.pixel_values.dtype == np.float32
+    assert clip.face_found and clip.fps == 30.0 and clip.num_source_frames == 32
+    # face_frames puts the face (about 45 x 57 px) near x 145, y 175 of the 320 x 240 frame.
+    box = clip.box
+    assert 60 < box.side < 110 and 120 < (box.x0 + box.x1) / 2 < 175
+    assert 150 < (box.y0 + box.y1) / 2 < 200 and box.y1 <= 240
+    np.testing.assert_array_equal(V.video_tensor(clips["short3s"]), clip.pixel_values)
+
+
+def test_prepare_video_pads_a_short_clip(clips):
+    clip = V.prepare_video(clips["tiny"])
+    assert clip.num_source_frames == 20 and clip.pixel_values.shape == (3, 32, 112, 112)
+    last = clip.pixel_values[:, 19]
+    for t in range(20, 32):
+        np.testing.assert_array_equal(clip.pixel_values[:, t], last)
+    assert not np.array_equal(clip.pixel_values[:, 18], last)
+
+
+def test_file_and_frames_give_the_same_tensor(clips):
+    frames, _ = V.read_last_frames(clips["short3s"])
+    from_file = V.prepare_video(clips["short3s"])
+    from_frames = V.prepare_video(frames)
+    np.testing.assert_array_equal(from_file.pixel_values, from_frames.pixel_values)
+    assert from_frames.box == from_file.box and from_frames.fps is None
+    as_array = V.prepare_video(np.stack(frames))
+    np.testing.assert_array_equal(as_array.pixel_values, from_file.pixel_values)
+
+
+def test_odd_frame_sizes_in_memory():
+    frames = face_frames(40, 479, 639, scale=1.0)
+    clip = V.prepare_video(frames)
+    assert clip.face_found and clip.num_source_frames == 32
+    assert clip.pixel_values.shape == (3, 32, 112, 112)
+    assert clip.box.x1 <= 639 and clip.box.y1 <= 479
+
+
+def test_face_crop_false_takes_the_centre_square():
+    frames = face_frames(8, 240, 320)
+    clip = V.prepare_video(frames, face_crop=False)
+    assert not clip.face_found and clip.box == F.center_box(240, 320)
+    expected = V.normalize_clip(
+        V.pad_frames(F.crop_frames(frames, F.center_box(240, 320), V.FRAME_SIZE), V.NUM_FRAMES)
+    )
+    np.testing.assert_array_equal(clip.pixel_values, expected)
+
+
+def test_no_face_falls_back_to_the_centre_square():
+    frames = face_frames(32, 240, 320, face=False)
+    clip = V.prepare_video(frames)
+    assert not clip.face_found and clip.box == F.center_box(240, 320)
+
+
+def test_custom_sizes():
+    frames = face_frames(10, 240, 320)
+    out = V.video_tensor(frames, num_frames=4, size=64)
+    assert out.shape == (3, 4, 64, 64)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="video file not found"):
+        V.prepare_video(tmp_path / "missing.mp4")
+
+
+@pytest.mark.parametrize("name", ["random", "truncated"])
+def test_unreadable_files(clips, name):
+    with pytest.raises(ValueError, match=rf"cannot (read|decode) video file .*{name}\.mp4"):
+        V.read_last_frames(clips[name])
+
+
+@pytest.mark.parametrize("name", ["audio", "cover"])
+def test_audio_only_files(clips, name):
+    with pytest.raises(ValueError, match="has no video stream"):
+        V.prepare_video(clips[name])
+
+
+@pytest.mark.parametrize(
+    ("frames", "error", "match"),
+    [
+        ([], ValueError, "zero frames"),
+        (np.zeros((0, 8, 8, 3), np.uint8), ValueError, "zero frames"),
+        ([np.zeros((8, 8), np.uint8)], ValueError, r"RGB frames of shape \(H, W, 3\)"),
+        ([np.zeros((8, 8, 1), np.uint8)], ValueError, r"RGB frames of shape \(H, W, 3\)"),
+        ([np.zeros((8, 8, 4), np.uint8)], ValueError, r"RGB frames of shape \(H, W, 3\)"),
+        (np.zeros((8, 8, 3), np.uint8), ValueError, r"\(T, H, W, 3\)"),
+        (
+            [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 10, 3), np.uint8)],
+            ValueError,
+            "same size",
+        ),
+        ([np.zeros((8, 8, 3), np.float32)], TypeError, "uint8.*float32"),
+        ([[[0, 0, 0]]], TypeError, "numpy array"),
+        (42, TypeError, "path or a sequence"),
+    ],
+)
+def test_bad_frames(frames, error, match):
+    with pytest.raises(error, match=match):
+        V.prepare_video(frames)
+
+
+def test_import_is_cheap():
+    code = (
+        "import sys, smart_turn_mm.video, smart_turn_mm.face\n"
+        "heavy = {'torch', 'transformers', 'cv2', 'PIL', 'av', 'onnxruntime'} & set(sys.modules)\n"
+        "print(sorted(heavy))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
