@@ -39,6 +39,36 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run_evaluate_from_args",
         "evaluate a checkpoint or ONNX model on a dataset",
     ),
+    "bench": (
+        "smart_turn_mm.bench",
+        "add_arguments",
+        "run",
+        "latency benchmark vs the published method (CPU, and CUDA when present)",
+    ),
+    "prepare": (
+        "smart_turn_mm.prepare",
+        "add_arguments",
+        "run",
+        "turn a folder of talking-head videos into a training folder (VAD, face crop)",
+    ),
+    "autolabel": (
+        "smart_turn_mm.autolabel",
+        "add_arguments",
+        "run",
+        "fill endpoint_bool in a prepared dataset from a rule, with a change log",
+    ),
+    "label": (
+        "smart_turn_mm.label_app",
+        "add_arguments",
+        "run",
+        "labelling web page for a prepared dataset (keyboard, atomic saves)",
+    ),
+    "stats": (
+        "smart_turn_mm.stats",
+        "add_arguments",
+        "run",
+        "dataset statistics with a PNG histogram",
+    ),
     "quickstart": (
         "smart_turn_mm.quickstart",
         "add_arguments",

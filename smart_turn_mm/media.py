@@ -1,0 +1,104 @@
+"""Writing media files: 16-bit WAV and H.264 MP4 (optionally with AAC audio), via PyAV.
+
+Used by the synthetic dataset generator, dataset preparation, the benchmarks and the tests, so
+every generated clip is encoded the same way. Writes are atomic (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import wave
+from collections.abc import Iterable
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_video", "write_wav"]
+
+
+def _temp_beside(path: Path) -> Path:
+    """A temporary file next to ``path`` with ordinary (0644) permissions, not mkstemp's 0600."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    return Path(tmp)
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 16000) -> Path:
+    """Write mono float audio in [-1, 1] as 16-bit PCM WAV, atomically."""
+    path = Path(path)
+    samples = np.asarray(audio, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"write_wav expects mono audio (n,), got shape {samples.shape}")
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    tmp = _temp_beside(path)
+    try:
+        with wave.open(str(tmp), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(sample_rate)
+            w.writeframes(pcm.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: Iterable[np.ndarray],
+    fps: int = 30,
+    *,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16000,
+    crf: int = 18,
+    preset: str = "veryfast",
+    gop_size: int | None = None,
+) -> Path:
+    """Encode RGB uint8 frames (even width and height) as H.264 MP4, with AAC ``audio`` (mono
+    float, ``sample_rate``) when given, atomically. libx264's default keyframe interval (250)
+    is kept unless ``gop_size`` is set. Note: AAC adds encoder priming samples at the start.
+    """
+    import av
+
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf), "preset": preset}
+            if gop_size is not None:
+                stream.codec_context.gop_size = gop_size
+            astream = container.add_stream("aac", rate=sample_rate) if audio is not None else None
+            count = 0
+            for frame in frames:
+                if count == 0:
+                    height, width = frame.shape[:2]
+                    if height % 2 or width % 2:
+                        raise ValueError(f"H.264 needs even frame sizes, got {width}x{height}")
+                    stream.width, stream.height = width, height
+                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")
+                container.mux(stream.encode(video_frame))
+                count += 1
+            if count == 0:
+                raise ValueError("write_video needs at least one frame")
+            container.mux(stream.encode())
+            if astream is not None:
+                samples = np.asarray(audio, dtype=np.float32)
+                for start in range(0, len(samples), 1024):
+                    block = samples[start : start + 1024][None, :]
+                    aframe = av.AudioFrame.from_ndarray(block, format="flt", layout="mono")
+                    aframe.sample_rate = sample_rate
+                    aframe.pts = start
+                    aframe.time_base = Fraction(1, sample_rate)
+                    container.mux(astream.encode(aframe))
+                container.mux(astream.encode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
