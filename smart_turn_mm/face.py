@@ -18,7 +18,8 @@ The crop rule, stated once:
   shifted (not shrunk) to lie inside the frame, and clamped to the frame's short side;
 * the square is resized with FFmpeg's scaler, :data:`RESIZE_INTERPOLATION` = ``"BILINEAR"``
   (its antialiased bilinear filter is within 0.3 grey levels on average of PIL's bilinear
-  resize).
+  resize); decoded video frames (``av.VideoFrame``, YUV) are cropped before their
+  conversion to RGB, which the scaler does while resizing (:func:`crop_frames`).
 
 Only numpy, ONNX Runtime and PyAV are used; both of the latter are imported lazily.
 """
@@ -50,6 +51,8 @@ __all__ = [
     "FaceBox",
     "FaceDetector",
     "center_box",
+    "clip_box_from_faces",
+    "clip_detection_frames",
     "clip_face_box",
     "crop_frames",
     "default_detector",
@@ -543,10 +546,11 @@ def clip_face_box(
 ) -> tuple[FaceBox, bool]:
     """One crop box for a whole clip, and whether a face was found.
 
-    The detector looks at the first, middle and last frame. The box is built from the
-    element-wise median of the largest detected face's centre x, centre y, larger side and
-    score over the frames where a face was found (with two detections, their mean), as
-    :func:`face_box` builds it for one frame. No face in any -> ``(center_box(H, W), False)``.
+    The detector looks at the first, middle and last frame (:func:`clip_detection_frames`).
+    The box is built from the element-wise median of the largest detected face's centre x,
+    centre y, larger side and score over the frames where a face was found (with two
+    detections, their mean), as :func:`face_box` builds it for one frame. No face in any ->
+    ``(center_box(H, W), False)`` (:func:`clip_box_from_faces`).
 
     Args:
         frames: (H, W, 3) uint8 RGB frames, all the same size.
@@ -554,12 +558,37 @@ def clip_face_box(
     if len(frames) == 0:
         raise ValueError("clip_face_box needs at least one frame")
     detector = detector or default_detector()
-    found = []
-    for i in sorted({0, len(frames) // 2, len(frames) - 1}):
+    faces = []
+    for i in clip_detection_frames(len(frames)):
         image = frames[i]
         if i == 0:
             height, width = image.shape[:2]
-        face = _largest_face(detector.detect(image))
+        faces.append(detector.detect(image))
+    return clip_box_from_faces(faces, height, width, margin)
+
+
+def clip_detection_frames(num_frames: int) -> list[int]:
+    """The indices of the frames of a clip that the detector looks at: first, middle, last."""
+    if num_frames < 1:
+        raise ValueError("a clip needs at least one frame")
+    return sorted({0, num_frames // 2, num_frames - 1})
+
+
+def clip_box_from_faces(
+    faces: Sequence[np.ndarray], height: int, width: int, margin: float = FACE_MARGIN
+) -> tuple[FaceBox, bool]:
+    """The clip's box from :meth:`FaceDetector.detect` outputs for its detection frames.
+
+    The rule of :func:`clip_face_box`, for callers that run the detector themselves (the
+    file path of :func:`smart_turn_mm.video.prepare_video` detects while decoding).
+
+    Args:
+        faces: one (N, 15) detector output per frame of :func:`clip_detection_frames`.
+        height, width: the frames' size.
+    """
+    found = []
+    for detected in faces:
+        face = _largest_face(detected)
         if face is not None:
             x, y, w, h = (float(v) for v in face[:4])
             found.append((x + w / 2, y + h / 2, max(w, h), float(face[14])))
@@ -569,33 +598,107 @@ def clip_face_box(
     return _square_box(cx, cy, size, score, height, width, margin), True
 
 
-def crop_frames(frames: Sequence[np.ndarray] | np.ndarray, box: FaceBox, size: int) -> np.ndarray:
-    """Crop every frame to ``box`` and resize to ``size`` x ``size``.
+# Planar 8-bit YUV formats that :func:`crop_frames` crops before converting to RGB: log2 of
+# their chroma subsampling (horizontal, vertical).
+_YUV_SUBSAMPLING = {
+    "yuv420p": (1, 1),
+    "yuvj420p": (1, 1),
+    "yuv422p": (1, 0),
+    "yuvj422p": (1, 0),
+    "yuv444p": (0, 0),
+    "yuvj444p": (0, 0),
+}
+
+
+def _plane_array(plane: Any) -> np.ndarray:
+    """One plane of a PyAV frame as a (height, width) uint8 view (no copy)."""
+    stride = plane.line_size
+    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, abs(stride))
+    return (rows[::-1] if stride < 0 else rows)[:, : plane.width]
+
+
+def crop_frames(frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int) -> np.ndarray:
+    """Crop every frame to ``box`` and resize to ``size`` x ``size``: THE face crop.
 
     Args:
-        frames: T frames, (H, W, 3) uint8 RGB, each containing ``box``.
+        frames: T frames, each containing ``box``: (H, W, 3) uint8 RGB arrays, or decoded
+            ``av.VideoFrame`` objects (mixing both is allowed).
         box: the crop box (from :func:`clip_face_box` or :func:`center_box`).
         size: output side in pixels.
 
     Returns:
-        uint8 (T, size, size, 3), resized with FFmpeg's scaler (:data:`RESIZE_INTERPOLATION`).
+        uint8 (T, size, size, 3) RGB, resized with FFmpeg's scaler (:data:`RESIZE_INTERPOLATION`).
+
+    A decoded frame in planar 8-bit YUV (``yuv420p``, the usual H.264 output, ``yuv422p``,
+    ``yuv444p`` and their ``yuvj`` variants) is cropped in YUV and converted to RGB while
+    resizing, with the frame's own colour matrix: the full frame is never converted. The crop
+    takes the box's luma pixels exactly and its chroma at the same place (with an odd offset,
+    the mean of the two chroma samples on either side), and the scaler computes chroma for
+    every output pixel. The result is within about 1.5 grey levels on average of converting
+    the whole frame to RGB first (what other pixel formats get), and closer to the encoded
+    source: the full-frame conversion repeats each chroma sample (nearest neighbour).
     """
     import av
     from av.video.reformatter import VideoReformatter
 
     reformatter = VideoReformatter()  # keeps one scaler context for the whole clip
     options = sws_options()
+    resize = {"width": size, "height": size, "interpolation": RESIZE_INTERPOLATION}
+    yuv: dict[str, tuple[Any, list[np.ndarray]]] = {}  # format -> (crop frame, plane views)
     out = np.empty((len(frames), size, size, 3), dtype=np.uint8)
     for t, frame in enumerate(frames):
-        if box.y1 > frame.shape[0] or box.x1 > frame.shape[1]:
-            raise ValueError(f"crop box {box} exceeds frame {t} of shape {frame.shape}")
-        crop = frame[box.y0 : box.y1, box.x0 : box.x1]
-        if box.side == size:
-            out[t] = crop
+        if isinstance(frame, av.VideoFrame):
+            height, width = frame.height, frame.width
+            sub = _YUV_SUBSAMPLING.get(frame.format.name)
+            if sub is None:  # another pixel format: RGB first, then as below
+                frame = frame.to_ndarray(format="rgb24", **options)
+        else:
+            height, width = frame.shape[:2]
+        if box.y1 > height or box.x1 > width:
+            raise ValueError(f"crop box {box} exceeds frame {t} of size {width}x{height}")
+        if isinstance(frame, np.ndarray):
+            crop = frame[box.y0 : box.y1, box.x0 : box.x1]
+            if box.side == size:
+                out[t] = crop
+                continue
+            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(crop), format="rgb24")
+            out[t] = reformatter.reformat(image, **resize, **options).to_ndarray()
             continue
-        image = av.VideoFrame.from_ndarray(np.ascontiguousarray(crop), format="rgb24")
-        resized = reformatter.reformat(
-            image, width=size, height=size, interpolation=RESIZE_INTERPOLATION, **options
-        )
-        out[t] = resized.to_ndarray()
+        name = frame.format.name
+        if name not in yuv:
+            small = av.VideoFrame(box.side, box.side, name)
+            yuv[name] = small, [_plane_array(p) for p in small.planes]
+        small, views = yuv[name]
+        for i, (plane, view) in enumerate(zip(frame.planes, views, strict=True)):
+            _crop_plane(_plane_array(plane), view, box, *(sub if i else (0, 0)))
+        small.colorspace = frame.colorspace  # the matrix frame.to_ndarray("rgb24") would use
+        # Planar RGB out: swscale then computes chroma for every output pixel (packed rgb24
+        # shares one chroma sample between two pixels unless asked, at twice the cost).
+        image = reformatter.reformat(small, format="gbrp", **resize, **options)
+        for channel, plane in zip((1, 2, 0), image.planes, strict=True):  # G, B, R planes
+            out[t, :, :, channel] = _plane_array(plane)
     return out
+
+
+def _crop_plane(plane: np.ndarray, out: np.ndarray, box: FaceBox, sx: int, sy: int) -> None:
+    """Crop one plane, subsampled ``2**sx`` x ``2**sy`` times, to ``box`` into ``out``.
+
+    An odd box offset in a subsampled direction falls between two chroma samples: their mean
+    (linear interpolation) is taken, so the chroma stays aligned with the luma.
+    """
+    x0, y0 = box.x0 >> sx, box.y0 >> sy
+    dx, dy = box.x0 & sx, box.y0 & sy  # 1: an odd offset in a subsampled direction
+    h, w = out.shape
+    if not dx and not dy:
+        out[...] = plane[y0 : y0 + h, x0 : x0 + w]
+        return
+    region = plane[y0 : y0 + h + dy, x0 : x0 + w + dx].astype(np.uint16)
+    if region.shape != (h + dy, w + dx):  # at the frame's right or bottom edge
+        pad = ((0, h + dy - region.shape[0]), (0, w + dx - region.shape[1]))
+        region = np.pad(region, pad, mode="edge")
+    if dx:
+        region = region[:, :-1] + region[:, 1:]
+    if dy:
+        region = region[:-1] + region[1:]
+    shift = dx + dy
+    out[...] = (region + (1 << shift >> 1)) >> shift

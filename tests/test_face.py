@@ -217,6 +217,90 @@ def test_crop_resize_is_close_to_pil_bilinear():
     assert np.abs(ours - theirs).mean() < 1.0
 
 
+# Boxes on the astronaut (512 x 512) for the decoded-frame crops: even and odd offsets, at
+# the bottom-right edge (odd offset and odd side), the whole image, upscaled (60 px) and
+# already at the output size (no resize).
+_YUV_BOXES = [
+    F.FaceBox(150, 40, 300, 190),
+    F.FaceBox(151, 41, 301, 191),
+    F.FaceBox(353, 353, 512, 512),
+    F.FaceBox(0, 0, 512, 512),
+    F.FaceBox(201, 101, 261, 161),
+    F.FaceBox(200, 100, 312, 212),
+]
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuvj420p", "yuv422p", "yuv444p"])
+def test_crop_of_a_decoded_frame_is_close_to_the_rgb_crop(pix_fmt):
+    """A decoded (YUV) frame is cropped before its conversion to RGB: the result must be
+    within 2 grey levels on average (99% of values within 8, all within 24) of converting
+    the whole frame to RGB and cropping that, and about as close to the original image
+    (mean distance at most 0.25 grey levels more; it is mostly less)."""
+    av = pytest.importorskip("av")
+    image = np.ascontiguousarray(astronaut())
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+    rgb = frame.to_ndarray(format="rgb24")
+    for box in _YUV_BOXES:
+        ours = F.crop_frames([frame, frame], box, 112).astype(np.int16)
+        assert ours.shape == (2, 112, 112, 3)
+        theirs = F.crop_frames([rgb], box, 112)[0].astype(np.int16)
+        diff = np.abs(ours[0] - theirs)
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8 and diff.max() <= 24, box
+        if box.side == 112:  # no resize: the same conversion, pixel for pixel
+            np.testing.assert_array_equal(ours[0], theirs)
+        truth = F.crop_frames([image], box, 112).astype(np.int16)
+        assert np.abs(ours[0] - truth).mean() <= np.abs(theirs - truth).mean() + 0.25, box
+
+
+def test_crop_of_a_decoded_frame_uses_its_colour_matrix():
+    av = pytest.importorskip("av")
+    image = np.zeros((64, 64, 3), dtype=np.uint8)  # saturated red, green, blue and yellow
+    image[:32, :32, 0] = image[:32, 32:, 1] = image[32:, :32, 2] = image[32:, 32:, :2] = 220
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+        format="yuv420p", dst_colorspace="ITU709"
+    )
+    assert frame.colorspace == 1  # BT.709
+    box = F.FaceBox(0, 0, 64, 64)
+    ours = F.crop_frames([frame], box, 48)[0].astype(np.int16)
+    theirs = F.crop_frames([frame.to_ndarray(format="rgb24")], box, 48)[0].astype(np.int16)
+    assert np.abs(ours - theirs).mean() < 2.0
+    frame.colorspace = 2  # unspecified, i.e. BT.601: visibly different colours
+    other = F.crop_frames([frame], box, 48)[0].astype(np.int16)
+    assert np.abs(other - theirs).mean() > 5.0
+
+
+@pytest.mark.parametrize("pix_fmt", ["nv12", "gray", "rgb24"])
+def test_crop_of_other_frame_formats_converts_them_first(pix_fmt):
+    av = pytest.importorskip("av")
+    image = np.ascontiguousarray(astronaut())
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+    rgb = frame.to_ndarray(format="rgb24")
+    mixed = F.crop_frames([frame, rgb], _YUV_BOXES[1], 112)
+    np.testing.assert_array_equal(mixed[0], mixed[1])
+
+
+def test_crop_of_a_decoded_frame_checks_the_box():
+    av = pytest.importorskip("av")
+    frame = av.VideoFrame(320, 240, "yuv420p")
+    with pytest.raises(ValueError, match="exceeds frame 0"):
+        F.crop_frames([frame], F.FaceBox(200, 100, 330, 230), 112)
+
+
+@pytest.mark.parametrize(("x0", "y0"), [(6, 4), (7, 4), (6, 5), (7, 5)])
+def test_odd_chroma_offsets_interpolate(x0, y0):
+    """A 2x subsampled plane whose sample (i, j) sits at luma (2i, 2j) and holds 8j + 4i:
+    at an odd luma offset the crop must hold the value half a sample further on."""
+    rows, cols = np.mgrid[0:20, 0:20]
+    plane = (8 * cols + 4 * rows).astype(np.uint8)
+    out = np.empty((5, 5), np.uint8)
+    F._crop_plane(plane, out, F.FaceBox(x0, y0, x0 + 10, y0 + 10), 1, 1)
+    expected = 8 * (cols[:5, :5] + x0 / 2) + 4 * (rows[:5, :5] + y0 / 2)
+    np.testing.assert_array_equal(out, expected)
+    # At the plane's edge, the last sample is repeated.
+    F._crop_plane(plane, out, F.FaceBox(31, 31, 40, 40), 1, 1)
+    assert out[-1, -1] == plane[-1, -1] and out[0, 0] == 8 * 15.5 + 4 * 15.5
+
+
 def test_detect_validates_input(detector):
     with pytest.raises(TypeError, match="float32"):
         detector.detect(np.zeros((64, 64, 3), dtype=np.float32))
