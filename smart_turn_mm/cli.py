@@ -45,6 +45,18 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "latency benchmark vs the published method (CPU, and CUDA when present)",
     ),
+    "replay": (
+        "smart_turn_mm.replay",
+        "add_arguments",
+        "run",
+        "stream a recording through the real-time detector and print the event timeline",
+    ),
+    "demo": (
+        "smart_turn_mm.demo.server",
+        "add_arguments",
+        "run",
+        "live web demo: microphone + camera in the browser",
+    ),
     "prepare": (
         "smart_turn_mm.prepare",
         "add_arguments",

@@ -497,7 +497,9 @@ def predict_endpoint(
     ``video``: None; a file path; RGB uint8 frames as a (T, H, W, 3) array or a list of
     (H, W, 3) arrays; or a preprocessed float32 (1, 3, T, H, W) / (3, T, H, W) clip. With an
     audio-only model, video is ignored (``used_video`` is False). ``threshold`` turns the
-    probability into ``prediction`` (1 = complete).
+    probability into ``prediction`` (1 = complete). When face cropping finds no face in the
+    clip, the call is treated as having no video (SPEC 2): ``face_found`` is False and
+    ``used_video`` False.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -509,6 +511,8 @@ def predict_endpoint(
     pixels, face_found = None, None
     if video is not None and turn_model.has_video:
         pixels, face_found = _prepare_pixels(turn_model, video, face_crop)
+        if face_crop and face_found is False:
+            pixels = None  # no face = no video: the model's no-video embedding (SPEC 2)
     t3 = time.perf_counter()
     probability = float(turn_model.predict(features, pixels)[0])
     t4 = time.perf_counter()

@@ -122,7 +122,8 @@ def test_speech_segments_of_silence_and_bad_arguments():
 
 def test_import_needs_no_torch_silero_or_pipecat():
     code = (
-        "import sys, smart_turn_mm.vad, smart_turn_mm.realtime, smart_turn_mm.replay;"
+        "import sys, smart_turn_mm.vad, smart_turn_mm.realtime, smart_turn_mm.replay,"
+        " smart_turn_mm.demo.server;"
         "smart_turn_mm.vad.SileroVAD()(__import__('numpy').zeros(512, 'float32'));"
         "bad = [m for m in ('torch', 'silero_vad', 'pipecat', 'transformers', 'cv2')"
         " if m in sys.modules]; assert not bad, bad"
