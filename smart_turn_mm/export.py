@@ -27,13 +27,20 @@ is stripped.
 int8: ``onnxruntime.quantization`` static QDQ (``quant_pre_process``, then ``quantize_static``
 with per-channel int8 weights) calibrated on REAL front-end outputs (:class:`CalibrationData`:
 ``whisper_features`` and ``prepare_video`` of dataset or given files), streamed through a
-``CalibrationDataReader``; never random noise. Default: only the ``Conv`` nodes of the video
-branch are quantised (``DEFAULT_OP_TYPES``, ``DEFAULT_INT8_SCOPE``). The R3D-18 backbone is
-about 81 of the model's 88 GFLOPs and QLinearConv is where int8 pays, while quantising the audio
-encoder's activations is what breaks decisions: pipecat's own Smart Turn v3.2 int8 file differs
-from its fp32 weights by up to 0.85 in probability because one clipped activation quantiser
-(layer 2's FFN output: outlier activations). The audio branch and the head stay fp32.
+``CalibrationDataReader``; never random noise. MinMax (default) keeps two numbers per tensor;
+Percentile feeds one sample per histogram pass. Default: only the ``Conv`` nodes of the video
+branch (``DEFAULT_OP_TYPES``, ``DEFAULT_INT8_SCOPE``), U8S8 with 7-bit weights
+(``DEFAULT_INT8_KERNEL``); the audio encoder and the head stay fp32, so the no-video path is
+bit-identical to fp32. The R3D-18 backbone is about 81 of the model's 88 GFLOPs and QLinearConv
+is where int8 pays, while the audio encoder's activations do not survive int8 (outliers:
+pipecat's own v3.2 int8 file is up to 0.85 off its fp32 weights).
 
+Measured on the published-size model (Smart Turn v3.2 audio weights, random video branch),
+32 calibration and 60 hold-out clips of real speech (espeak-ng) with face video, 2-core AVX2:
+the default gives 100% decision agreement (max |dp| 0.0013) and a 1.74x faster combined graph
+(66.8 MB); every op type everywhere (ORT's default, 41.8 MB like the published file) agrees on
+only 86.7% (85.0% with U8S8) of the clips, 95% without video. On the audio-only v3.2 model,
+int8 in the encoder (MatMul, all ops, MinMax or Percentile, U8 or S8) agrees on 80-92%.
 Validation runs on every export (hold-out samples never used for calibration): torch vs fp32
 ONNX (max |dp| <= 1e-4), split vs combined graphs (<= 1e-6), fp32 vs int8 decision agreement
 at 0.5 (>= 99%) and |dp|. A failed check raises :class:`ExportValidationError` after the files
@@ -95,12 +102,15 @@ DEFAULT_OPSET = 18
 DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv",)
 INT8_SCOPES = ("video", "audio", "all")
 DEFAULT_INT8_SCOPE = "video"
-# Signed int8 activations (S8S8). With unsigned ones (U8S8) ONNX Runtime's integer kernels on
-# x86 CPUs without VNNI (AVX2) saturate 16-bit pair sums: on the real Smart Turn v3.2 weights,
-# quantising just the encoder's two stem Convs gave 91.7% decision agreement (max |dp| 0.81)
-# with U8S8, but 100% (max |dp| 0.15, the same as exact QDQ arithmetic) with S8S8.
-ACTIVATION_TYPES = ("qint8", "quint8")
-DEFAULT_ACTIVATION_TYPE = "qint8"
+ACTIVATION_TYPES = ("quint8", "qint8")
+# Integer kernels by model kind: (activation type, reduce_range). ONNX Runtime's U8S8 kernels
+# on x86 CPUs without VNNI (AVX2) add int8 products in saturating 16-bit pairs; 7-bit weights
+# (reduce_range) rule that out on every CPU at U8S8 speed. Measured on the published-size model
+# (2-core AVX2 CPU, 60 real hold-out clips): video Convs U8S8 + reduce_range 1.74x faster than
+# fp32, S8S8 only 1.17x, both 100% decision agreement. The audio-only model's only quantised
+# nodes are the encoder's two stem Convs (no speed-up either way): S8S8 100% agreement, U8S8
+# 91.7% (saturation), U8S8 + reduce_range 96.7%, on the real Smart Turn v3.2 weights.
+DEFAULT_INT8_KERNEL = {"video": ("quint8", True), "audio_only": ("qint8", False)}
 CALIBRATE_METHODS = ("minmax", "percentile")
 DEFAULT_CALIBRATE_METHOD = "minmax"
 # Calibration samples: MinMax keeps two numbers per tensor, so memory does not grow with this.
@@ -462,7 +472,7 @@ def _stat_rows(check: str, stats: dict[str, Any]) -> list[str]:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
@@ -1079,8 +1089,8 @@ def export_onnx(
     max_calibration: int = DEFAULT_NUM_CALIBRATION,
     holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
     max_validation: int = DEFAULT_MAX_VALIDATION,
-    activation_type: str = DEFAULT_ACTIVATION_TYPE,
-    reduce_range: bool = False,
+    activation_type: str | None = None,
+    reduce_range: bool | None = None,
     percentile: float = DEFAULT_PERCENTILE,
     torch_tolerance: float = TORCH_TOLERANCE,
     min_agreement: float = MIN_INT8_AGREEMENT,
@@ -1104,9 +1114,10 @@ def export_onnx(
         max_calibration: calibration samples at most.
         holdout_fraction: share of the samples held out for validation.
         max_validation: hold-out samples at most.
-        activation_type: ``"qint8"`` (S8S8, the default) or ``"quint8"`` (U8S8: saturates on
-            x86 CPUs without VNNI, see ``DEFAULT_ACTIVATION_TYPE``).
-        reduce_range: 7-bit weights (avoids u8s8 saturation on AVX2 CPUs without VNNI).
+        activation_type: ``"quint8"`` (U8S8) or ``"qint8"`` (S8S8); ``None``: by model kind
+            (``DEFAULT_INT8_KERNEL``).
+        reduce_range: 7-bit weights (no U8S8 saturation on x86 CPUs without VNNI); ``None``:
+            by model kind.
         percentile: for ``calibrate_method="percentile"``.
         torch_tolerance: max |dp| allowed between torch and fp32 ONNX.
         min_agreement: fp32 vs int8 decision agreement required on the hold-out.
@@ -1136,7 +1147,8 @@ def export_onnx(
     device = next(model.parameters()).device
     model.cpu().eval()  # exported and compared on the CPU
     cfg = model.config
-    scope = int8_scope or ("video" if cfg.with_video else "all")
+    scope = int8_scope or (DEFAULT_INT8_SCOPE if cfg.with_video else "all")
+    kernel = DEFAULT_INT8_KERNEL["video" if cfg.with_video else "audio_only"]
     out = Path(out_dir)
     graph_split._writable_dir(out)
     names = output_names(cfg)
@@ -1172,8 +1184,8 @@ def export_onnx(
                 op_types=op_types,
                 scope=scope,
                 method=calibrate_method,
-                activation_type=activation_type,
-                reduce_range=reduce_range,
+                activation_type=activation_type or kernel[0],
+                reduce_range=kernel[1] if reduce_range is None else reduce_range,
                 percentile=percentile,
             )
             report.timings_s["quantize_int8"] = report.quantization.pop("quantize_s")
@@ -1253,10 +1265,16 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--activation-type",
         choices=ACTIVATION_TYPES,
-        default=DEFAULT_ACTIVATION_TYPE,
-        help="int8 activations: qint8 (S8S8) or quint8 (U8S8) (default: %(default)s)",
+        default=None,
+        help="int8 activations: quint8 (U8S8) or qint8 (S8S8) (default: quint8 with "
+        "--reduce-range for video models, qint8 for audio-only models)",
     )
-    q.add_argument("--reduce-range", action="store_true", help="7-bit weights (AVX2 w/o VNNI)")
+    q.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="7-bit weights: no U8S8 saturation on x86 CPUs without VNNI (default: by model kind)",
+    )
     q.add_argument(
         "--allow-int8-mismatch",
         action="store_true",

@@ -55,6 +55,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     """Write ``path`` via a temporary file in the same directory and ``os.replace``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are ordinary files
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -158,6 +158,7 @@ def test_metadata_on_every_file(av_export, av_model):
             int8 = json.loads(meta["smart_turn_mm.int8"])
             assert int8["op_types"] == ["Conv"] and int8["scope"] == "video"
             assert int8["calibrate_method"] == "minmax"
+            assert int8["activation_type"] == "quint8" and int8["reduce_range"] is True
         # No exporter stack traces (local paths) left on nodes.
         assert all(not n.metadata_props for n in onnx.load(str(path)).graph.node)
 
@@ -288,7 +289,9 @@ def test_audio_only_model_exports_smart_turn_v3_io(tmp_path, dataset):
         assert session.run(None, {"input_features": x})[0].shape == (3, 1)
     got = _session(tmp_path / "smart-turn-v3-gpu.onnx").run(None, {"input_features": x})[0]
     np.testing.assert_allclose(got, _torch_prob(model, x), rtol=0, atol=1e-4)
-    assert report.quantization["scope"] == "all"
+    q = report.quantization
+    assert q["scope"] == "all" and q["op_types"] == ["Conv"] and q["nodes_quantized"] == 2
+    assert q["activation_type"] == "qint8" and q["reduce_range"] is False
     # Our file reads back through the Smart Turn v3 weight loader, like pipecat's files do.
     state = smart_turn_onnx_state_dict(tmp_path / "smart-turn-v3-gpu.onnx")
     for key, value in model.state_dict().items():
