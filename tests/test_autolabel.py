@@ -159,3 +159,24 @@ def test_prepare_autolabel_then_training_loader(tmp_path_factory, tmp_path):
     assert np.isfinite(batch.pixels).all() and np.isfinite(batch.features).all()
     good = [r for r in rows if r["source_path"] == GOOD]
     assert [r["endpoint_bool"] for r in good] == [None, False, True]
+
+    # ... and training runs on it as it is (both stages, a few steps), without manual edits.
+    from smart_turn_mm.train import TrainConfig, train
+
+    config = TrainConfig(
+        data_dir=str(folder),
+        model="tiny",
+        audio_init="random",
+        video_init="random",
+        output_dir=str(tmp_path / "runs"),
+        eval_fraction=0.0,
+        batch_size=4,
+        stage1_max_steps=2,
+        stage2_max_steps=1,
+        num_workers=0,
+        bootstrap=0,
+        progress=False,
+    )
+    result = train(config)
+    assert result.global_step == 3
+    assert (result.model_dir / "model.safetensors").is_file()
