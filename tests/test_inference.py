@@ -194,3 +194,27 @@ def test_cli_predict_json(v32_onnx, tmp_path, speech):
         env={"SMART_TURN_MM_MODEL": str(v32_onnx), "PATH": ""},
     )
     assert bad.returncode == 1 and "no.wav" in bad.stderr
+
+
+def test_multimodal_predict_matches_parts(tmp_path_factory, speech):
+    """The overlapped video path equals running the model on the same preprocessed inputs."""
+    from tiny_models import tiny_multimodal_onnx
+
+    from smart_turn_mm.video import prepare_video
+
+    model = load_model(tiny_multimodal_onnx(tmp_path_factory.getbasetemp() / "tiny-mm"))
+    assert model.split and model.has_video
+    frames = np.random.default_rng(1).integers(0, 255, (10, 40, 60, 3), dtype=np.uint8)
+    result = predict_endpoint(speech, frames, model=model, face_crop=False)
+    pixels = prepare_video(
+        frames, face_crop=False, num_frames=model.num_frames, size=model.frame_size
+    ).pixel_values[None]
+    expected = model.predict(whisper_features(speech)[None], pixels)[0]
+    assert result.used_video and result.probability == pytest.approx(float(expected), abs=1e-6)
+    no_video = predict_endpoint(speech, model=model)
+    assert not no_video.used_video
+    assert no_video.probability == pytest.approx(
+        float(model.predict(whisper_features(speech)[None])[0]), abs=1e-6
+    )
+    with pytest.raises(ValueError, match=r"\(T, H, W, 3\) uint8"):
+        predict_endpoint(speech, np.zeros((4, 40, 60), np.uint8), model=model)
