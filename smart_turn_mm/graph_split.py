@@ -19,12 +19,13 @@ Imported by the inference path: ``onnx`` is imported inside the functions only (
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from smart_turn_mm.locations import sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -236,14 +237,6 @@ def _check_closed(part: onnx.ModelProto, what: str) -> None:
         known.update(node.output)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _writable_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -378,7 +371,7 @@ def split_combined(
     except Exception as e:
         raise ValueError(f"cannot read ONNX file {path}: {e}") from e
     parts = split_model(model)
-    source_sha = _sha256(path)
+    source_sha = sha256_file(path)
     for name, part in parts.items():
         _set_metadata(part, [(SOURCE_SHA256_KEY, source_sha)])
         save_model_atomic(part, targets[name])

@@ -14,7 +14,6 @@ numpy and onnxruntime only.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from smart_turn_mm.audio import SAMPLE_RATE, to_mono_16k
+from smart_turn_mm.locations import packaged_file
 
 __all__ = [
     "CHUNK_SAMPLES",
@@ -61,20 +61,6 @@ def stop_threshold(threshold: float) -> float:
     return max(threshold - STOP_OFFSET, MIN_STOP_THRESHOLD)
 
 
-def _packaged_copy(package: str, parts: tuple[str, ...]) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        candidate = Path(root).joinpath(*parts)
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def vad_model_path(path: str | os.PathLike[str] | None = None) -> Path:
     """The Silero VAD ONNX file: ``path``, else ``$SMART_TURN_MM_VAD_MODEL``, else the copy in
     the ``silero-vad`` package, else the one in ``pipecat-ai``.
@@ -93,7 +79,7 @@ def vad_model_path(path: str | os.PathLike[str] | None = None) -> Path:
             raise FileNotFoundError(f"${VAD_MODEL_ENV} names a missing file: {env}")
         return Path(env)
     for package, parts in _PACKAGED:
-        found = _packaged_copy(package, parts)
+        found = packaged_file(package, parts)
         if found is not None:
             return found
     raise FileNotFoundError(

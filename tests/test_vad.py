@@ -31,7 +31,7 @@ def test_model_path_resolution(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="SMART_TURN_MM_VAD_MODEL"):
         vad_model_path()
     monkeypatch.delenv(vad.VAD_MODEL_ENV)
-    monkeypatch.setattr(vad.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps silero-vad"):
         vad_model_path()
 
@@ -40,7 +40,7 @@ def test_pipecat_copy_is_the_fallback(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.delenv(vad.VAD_MODEL_ENV, raising=False)
     monkeypatch.setattr(
-        vad.importlib.util, "find_spec", lambda n: None if n == "silero_vad" else real(n)
+        importlib.util, "find_spec", lambda n: None if n == "silero_vad" else real(n)
     )
     path = vad_model_path()
     assert path.parts[-4:] == ("audio", "vad", "data", "silero_vad.onnx")
