@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import WhisperFeatureExtractor
 
+    from smart_turn_mm.bench import reference_features
+
     sys.path.insert(0, str(TESTS_DIR))
     from signals import speech_like
 
@@ -70,15 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     clip_3s = speech_like(3.0, seed=1)
 
     def reference() -> np.ndarray:
-        return extractor(
-            window,
-            sampling_rate=A.SAMPLE_RATE,
-            return_tensors="np",
-            padding="max_length",
-            max_length=A.N_SAMPLES,
-            truncation=True,
-            do_normalize=True,
-        ).input_features[0]
+        return reference_features(extractor, window)[0]
 
     max_err = float(np.abs(A.whisper_features(window) - reference()).max())
     cases = {

@@ -40,6 +40,8 @@ import numpy as np
 
 from smart_turn_mm import face as F
 from smart_turn_mm import video as V
+from smart_turn_mm.bench import published_video
+from smart_turn_mm.media import write_video
 
 TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"  # holds media.py
 
@@ -68,37 +70,14 @@ def _summary(times: list[tuple[float, float]]) -> dict[str, float]:
 
 
 def published_method(path: Path, box: F.FaceBox) -> np.ndarray:
-    """Decode every frame, PIL convert + crop + resize each, last 32, stack, normalise."""
-    import av
-
-    mean = np.asarray(V.KINETICS_MEAN, dtype=np.float32)
-    std = np.asarray(V.KINETICS_STD, dtype=np.float32)
-    size = (V.FRAME_SIZE, V.FRAME_SIZE)
-    frames = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            image = frame.to_image().crop((box.x0, box.y0, box.x1, box.y1))
-            frames.append(np.asarray(image.resize(size, resample=2)))  # 2: PIL bilinear
-    clip = np.stack(frames[-V.NUM_FRAMES :]).astype(np.float32) / 255.0
-    return ((clip - mean) / std).transpose(3, 0, 1, 2)
+    """The published video path (decode all, PIL crop + resize each), the package's baseline."""
+    return published_video(path, (box.x0, box.y0, box.x1, box.y1), V.NUM_FRAMES, V.FRAME_SIZE)[0]
 
 
 def write_clip(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
     """H.264 with libx264's default settings (no options set) + a 440 Hz AAC track."""
-    import av
-    from media import _write_tone  # the test media's tone writer
-
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        audio = container.add_stream("aac", rate=16000)
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        _write_tone(container, audio, len(frames) / fps)
+    t = np.arange(int(len(frames) / fps * 16000)) / 16000
+    write_video(path, frames, fps, audio=0.2 * np.sin(2 * np.pi * 440 * t), crf=None, preset=None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,11 +117,47 @@ def make_clip(folder: Path) -> tuple[Path, Path]:
 
     audio = _speech(CLIP_SECONDS)
     wav = write_wav(folder / "bench_turn.wav", audio)
-    mp4 = write_video(folder / "bench_turn_640x480.mp4", frames(), CLIP_FPS, audio=audio)
+    mp4 = write_video(  # libx264's own defaults, as a user's recording would be encoded
+        folder / "bench_turn_640x480.mp4", frames(), CLIP_FPS, audio=audio, crf=None, preset=None
+    )
     return wav, mp4
 
 
 # --------------------------------------------------------------------------- the published method
+
+
+def reference_features(extractor: Any, audio_16k: np.ndarray) -> np.ndarray:
+    """transformers' ``WhisperFeatureExtractor`` on the left-padded 8 s window, called exactly as
+    SPEC 1 states: (1, 80, 800) float32. The parity reference and the published method's step."""
+    return extractor(
+        last_window(audio_16k),
+        sampling_rate=SAMPLE_RATE,
+        return_tensors="np",
+        padding="max_length",
+        max_length=N_SAMPLES,
+        truncation=True,
+        do_normalize=True,
+    ).input_features.astype(np.float32)
+
+
+def published_video(
+    path: Path, box: tuple[int, int, int, int], num_frames: int = 32, size: int = 112
+) -> np.ndarray:
+    """The published video path: decode every frame, PIL convert + crop + resize each (bilinear),
+    keep the last ``num_frames`` (last frame repeated if fewer), normalise: (1, 3, T, S, S)."""
+    import av
+    from PIL import Image
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            image = frame.to_image().crop(box)
+            frames.append(np.asarray(image.resize((size, size), Image.BILINEAR)))
+    frames = frames[-num_frames:]
+    frames += [frames[-1]] * (num_frames - len(frames))
+    clip = np.stack(frames).astype(np.float32) / 255.0
+    clip = (clip - np.asarray(KINETICS_MEAN, np.float32)) / np.asarray(KINETICS_STD, np.float32)
+    return clip.transpose(3, 0, 1, 2)[None]
 
 
 class PublishedMethod:
@@ -137,33 +173,11 @@ class PublishedMethod:
         self.video_shape = tuple(int(d) for d in shape[1:])
 
     def features(self, audio: np.ndarray) -> np.ndarray:
-        window = last_window(audio)
-        return self.extractor(
-            window,
-            sampling_rate=SAMPLE_RATE,
-            return_tensors="np",
-            padding="max_length",
-            max_length=N_SAMPLES,
-            truncation=True,
-            do_normalize=True,
-        ).input_features.astype(np.float32)
+        return reference_features(self.extractor, audio)
 
     def video(self, path: Path, box: tuple[int, int, int, int]) -> np.ndarray:
-        """Decode every frame, PIL convert + crop + resize each, keep the last T, normalise."""
-        import av
-        from PIL import Image
-
         _, num_frames, size, _ = self.video_shape
-        frames = []
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                image = frame.to_image().crop(box)
-                frames.append(np.asarray(image.resize((size, size), Image.BILINEAR)))
-        frames = frames[-num_frames:]
-        frames += [frames[-1]] * (num_frames - len(frames))
-        clip = np.stack(frames).astype(np.float32) / 255.0
-        clip = (clip - np.asarray(KINETICS_MEAN, np.float32)) / np.asarray(KINETICS_STD, np.float32)
-        return clip.transpose(3, 0, 1, 2)[None]
+        return published_video(path, box, num_frames, size)
 
     def model(self, features: np.ndarray, pixels: np.ndarray | None) -> float:
         if pixels is None:  # the published no-video path: zero pixels through the backbone

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "METADATA_FIELDS",
     "METADATA_NAME",
     "Batch",
     "Example",
@@ -50,6 +51,20 @@ __all__ = [
 ]
 
 METADATA_NAME = "metadata.jsonl"
+# The row fields of the training data format (SPEC 5); writers may add more.
+METADATA_FIELDS = (
+    "file_name",
+    "id",
+    "language",
+    "endpoint_bool",
+    "midfiller",
+    "endfiller",
+    "synthetic",
+    "spoken_text",
+    "dataset",
+    "video_path",
+    "visual_label",
+)
 # Row fields that name the recording a segment was cut from, in order of preference.
 GROUP_FIELDS = ("source", "recording")
 

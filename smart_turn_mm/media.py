@@ -54,13 +54,14 @@ def write_video(
     *,
     audio: np.ndarray | None = None,
     sample_rate: int = 16000,
-    crf: int = 18,
-    preset: str = "veryfast",
+    crf: int | None = 18,
+    preset: str | None = "veryfast",
     gop_size: int | None = None,
 ) -> Path:
     """Encode RGB uint8 frames (even width and height) as H.264 MP4, with AAC ``audio`` (mono
-    float, ``sample_rate``) when given, atomically. libx264's default keyframe interval (250)
-    is kept unless ``gop_size`` is set. Note: AAC adds encoder priming samples at the start.
+    float, ``sample_rate``) when given, atomically. ``crf``/``preset`` None leave libx264's own
+    defaults; its default keyframe interval (250) is kept unless ``gop_size`` is set. Note: AAC
+    adds encoder priming samples at the start.
     """
     import av
 
@@ -70,7 +71,8 @@ def write_video(
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=fps)
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset}
+            options = {"crf": None if crf is None else str(crf), "preset": preset}
+            stream.options = {k: v for k, v in options.items() if v is not None}
             if gop_size is not None:
                 stream.codec_context.gop_size = gop_size
             astream = container.add_stream("aac", rate=sample_rate) if audio is not None else None

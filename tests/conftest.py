@@ -25,3 +25,19 @@ def tiny_model():
 
     torch.manual_seed(0)
     return SmartTurnMultimodal(ModelConfig.tiny()).eval()
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """A synthetic SPEC 5 folder: 6 recordings x 3 segments, small clips (read-only: tests
+    that edit it work on a copy)."""
+    from smart_turn_mm.synthetic import generate_dataset
+
+    return generate_dataset(
+        tmp_path_factory.mktemp("data") / "train",
+        recordings=6,
+        segments_per_recording=3,
+        video_seconds=0.4,
+        frame_size=48,
+        workers=1,
+    )

@@ -24,16 +24,9 @@ def reference_extractor():
 
 def _reference(fe, mono_16k: np.ndarray) -> np.ndarray:
     """transformers' features of the left-padded window, called as SPEC 1 states."""
-    window = A.last_window(mono_16k)
-    return fe(
-        window,
-        sampling_rate=A.SAMPLE_RATE,
-        return_tensors="np",
-        padding="max_length",
-        max_length=A.N_SAMPLES,
-        truncation=True,
-        do_normalize=True,
-    ).input_features[0]
+    from smart_turn_mm.bench import reference_features
+
+    return reference_features(fe, mono_16k)[0]
 
 
 def _assert_parity(fe, ours: np.ndarray, mono_16k: np.ndarray, case: str) -> None:

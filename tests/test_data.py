@@ -29,20 +29,11 @@ from smart_turn_mm.mixing import (
     mix_training_set,
     split_by_group,
 )
-from smart_turn_mm.synthetic import generate_dataset
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """6 recordings x 3 segments, small clips."""
-    return generate_dataset(
-        tmp_path_factory.mktemp("data") / "train",
-        recordings=6,
-        segments_per_recording=3,
-        video_seconds=0.4,
-        frame_size=48,
-        workers=1,
-    )
+@pytest.fixture()
+def folder(small_dataset: Path) -> Path:
+    return small_dataset
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:

@@ -29,23 +29,10 @@ from talking_heads import (
 from smart_turn_mm import metafile
 from smart_turn_mm import prepare as P
 from smart_turn_mm.audio import SAMPLE_RATE
+from smart_turn_mm.dataset import METADATA_FIELDS
 from smart_turn_mm.video import prepare_video
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
-
-SPEC5_FIELDS = (
-    "file_name",
-    "id",
-    "language",
-    "endpoint_bool",
-    "midfiller",
-    "endfiller",
-    "synthetic",
-    "spoken_text",
-    "dataset",
-    "video_path",
-    "visual_label",
-)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +127,7 @@ def test_prepared_rows_follow_spec5_and_cut_at_each_pause(prepared):
     rows = _rows(out)
     assert len({r["id"] for r in rows}) == len(rows)
     for row in rows:
-        assert all(name in row for name in SPEC5_FIELDS)
+        assert all(name in row for name in METADATA_FIELDS)
         assert row["endpoint_bool"] is None and row["synthetic"] is False
         assert row["id"].isascii() and row["file_name"] == f"audio/{row['id']}.wav"
         assert (out / row["file_name"]).is_file()

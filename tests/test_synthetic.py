@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from smart_turn_mm.dataset import METADATA_FIELDS
 from smart_turn_mm.synthetic import (
     VIDEO_FPS,
     _face_timeline,
@@ -39,19 +40,7 @@ def _rows(folder: Path) -> list[dict]:
 def test_writes_the_spec5_format(folder: Path) -> None:
     rows = _rows(folder)
     assert len(rows) == 20
-    spec_fields = {
-        "file_name",
-        "id",
-        "language",
-        "endpoint_bool",
-        "midfiller",
-        "endfiller",
-        "synthetic",
-        "spoken_text",
-        "dataset",
-        "video_path",
-        "visual_label",
-    }
+    spec_fields = set(METADATA_FIELDS)
     for row in rows:
         assert spec_fields <= set(row) and row["synthetic"] is True
         assert isinstance(row["endpoint_bool"], bool)

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from smart_turn_mm.synthetic import generate_dataset
 from smart_turn_mm.train import (
     TrainConfig,
     add_train_arguments,
@@ -31,16 +30,9 @@ from smart_turn_mm.weights import load_pretrained
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return generate_dataset(
-        tmp_path_factory.mktemp("data") / "train",
-        recordings=6,
-        segments_per_recording=3,
-        video_seconds=0.4,
-        frame_size=48,
-        workers=1,
-    )
+@pytest.fixture()
+def folder(small_dataset: Path) -> Path:
+    return small_dataset
 
 
 def _config(folder: Path, out: Path, **overrides) -> TrainConfig:
