@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from smart_turn_mm.locations import cache_dir, sha256_file
+from smart_turn_mm.yuv import YUV_SUBSAMPLING, YUVFrame, plane_array
 
 __all__ = [
     "FACE_MARGIN",
@@ -318,6 +319,9 @@ class FaceDetector:
         detect_size: frames are downscaled by the integer factor that brings their longest
             side to at most this many pixels (box filter); ``None``: full resolution.
         providers: ONNX Runtime execution providers (default CPU).
+        threads: ONNX Runtime intra-op threads (0: one per physical core). One by default:
+            at 320 px one thread is as fast as two here (3.8 against 4.2 ms), and the other
+            core stays free for the video decoder that runs beside the detector.
     """
 
     def __init__(
@@ -329,6 +333,7 @@ class FaceDetector:
         top_k: int = TOP_K,
         detect_size: int | None = DETECT_SIZE,
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int = 1,
     ) -> None:
         if model_path is not None and not Path(model_path).is_file():
             raise FileNotFoundError(f"face model file not found: {model_path}")
@@ -338,6 +343,7 @@ class FaceDetector:
         self.top_k = int(top_k)
         self.detect_size = detect_size
         self.providers = tuple(providers)
+        self.threads = int(threads)
         self._session: Any = None
         self._fixed_size: tuple[int, int] | None = None  # (H, W) if the model is not dynamic
         self._input_name = ""
@@ -355,6 +361,7 @@ class FaceDetector:
                 options = ort.SessionOptions()
                 # Calls last a few ms between PyAV work: idle workers must not spin on the cores.
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                options.intra_op_num_threads = self.threads
                 providers = list(self.providers)
                 try:
                     session = ort.InferenceSession(_dynamic_shapes(model), options, providers)
@@ -591,31 +598,13 @@ def clip_box_from_faces(
     return _square_box(cx, cy, size, score, height, width, margin), True
 
 
-# Planar 8-bit YUV formats that :func:`crop_frames` crops before converting to RGB: log2 of
-# their chroma subsampling (horizontal, vertical).
-_YUV_SUBSAMPLING = {
-    "yuv420p": (1, 1),
-    "yuvj420p": (1, 1),
-    "yuv422p": (1, 0),
-    "yuvj422p": (1, 0),
-    "yuv444p": (0, 0),
-    "yuvj444p": (0, 0),
-}
-
-
-def _plane_array(plane: Any) -> np.ndarray:
-    """One plane of a PyAV frame as a (height, width) uint8 view (no copy)."""
-    stride = plane.line_size
-    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, abs(stride))
-    return (rows[::-1] if stride < 0 else rows)[:, : plane.width]
-
-
 def crop_frames(frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int) -> np.ndarray:
     """Crop every frame to ``box`` and resize to ``size`` x ``size``: THE face crop.
 
     Args:
-        frames: T frames, each containing ``box``: (H, W, 3) uint8 RGB arrays, or decoded
-            ``av.VideoFrame`` objects (mixing both is allowed).
+        frames: T frames, each containing ``box``: (H, W, 3) uint8 RGB arrays, decoded
+            ``av.VideoFrame`` objects or :class:`~smart_turn_mm.yuv.YUVFrame` copies of them
+            (mixing them is allowed).
         box: the crop box (from :func:`clip_face_box` or :func:`center_box`).
         size: output side in pixels.
 
@@ -642,9 +631,10 @@ def crop_frames(frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int) -> 
     for t, frame in enumerate(frames):
         if isinstance(frame, av.VideoFrame):
             height, width = frame.height, frame.width
-            sub = _YUV_SUBSAMPLING.get(frame.format.name)
-            if sub is None:  # another pixel format: RGB first, then as below
+            if frame.format.name not in YUV_SUBSAMPLING:  # another format: RGB first
                 frame = frame.to_ndarray(format="rgb24", **options)
+        elif isinstance(frame, YUVFrame):
+            height, width = frame.height, frame.width
         else:
             height, width = frame.shape[:2]
         if box.y1 > height or box.x1 > width:
@@ -657,19 +647,23 @@ def crop_frames(frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int) -> 
             image = av.VideoFrame.from_ndarray(np.ascontiguousarray(crop), format="rgb24")
             out[t] = reformatter.reformat(image, **resize, **options).to_ndarray()
             continue
-        name = frame.format.name
+        if isinstance(frame, YUVFrame):
+            name, planes = frame.format, frame.planes
+        else:
+            name, planes = frame.format.name, [plane_array(p) for p in frame.planes]
         if name not in yuv:
             small = av.VideoFrame(box.side, box.side, name)
-            yuv[name] = small, [_plane_array(p) for p in small.planes]
+            yuv[name] = small, [plane_array(p) for p in small.planes]
         small, views = yuv[name]
-        for i, (plane, view) in enumerate(zip(frame.planes, views, strict=True)):
-            _crop_plane(_plane_array(plane), view, box, *(sub if i else (0, 0)))
+        sub = YUV_SUBSAMPLING[name]
+        for i, (plane, view) in enumerate(zip(planes, views, strict=True)):
+            _crop_plane(plane, view, box, *(sub if i else (0, 0)))
         small.colorspace = frame.colorspace  # the matrix frame.to_ndarray("rgb24") would use
         # Planar RGB out: swscale then computes chroma for every output pixel (packed rgb24
         # shares one chroma sample between two pixels unless asked, at twice the cost).
         image = reformatter.reformat(small, format="gbrp", **resize, **options)
         for channel, plane in zip((1, 2, 0), image.planes, strict=True):  # G, B, R planes
-            out[t, :, :, channel] = _plane_array(plane)
+            out[t, :, :, channel] = plane_array(plane)
     return out
 
 

@@ -11,9 +11,10 @@ Pipeline, the same for training and inference:
 5. :func:`normalize_clip`: [0, 1], Kinetics-400 mean/std, (C, T, H, W) layout.
 
 From a file, :func:`prepare_video` never converts a whole decoded frame to RGB for the crop:
-the decoded YUV frames go to :func:`~smart_turn_mm.face.crop_frames`, which crops first and
-converts the crop while resizing; only the three frames the face detector looks at are
-converted, two of them on a worker thread while the decoder goes on. The tensor is within
+the decoded YUV frames are copied into reused buffers (:class:`~smart_turn_mm.yuv.FrameRing`,
+so FFmpeg recycles its own) and go to :func:`~smart_turn_mm.face.crop_frames`, which crops
+first and converts the crop while resizing; only the three frames the face detector looks at
+are converted, two of them on a worker thread while the decoder goes on. The tensor is within
 about 1.5 grey levels on average of cropping :func:`read_last_frames`' RGB frames (the
 same face box; see :func:`~smart_turn_mm.face.crop_frames` for why they differ).
 
@@ -43,6 +44,7 @@ from .face import (
     default_detector,
     sws_options,
 )
+from .yuv import FrameRing
 
 __all__ = [
     "FRAME_SIZE",
@@ -78,10 +80,17 @@ _SEEK_MARGIN_FRAMES = 16
 
 @dataclass
 class _Tail:
-    frames: list[Any]  # av.VideoFrame, the last ones in presentation order
+    frames: list[Any]  # av.VideoFrame or YUVFrame, the last ones in presentation order
     fps: float | None
     num_decoded: int  # frames the decoder output (skipped frames are not counted)
     seeked: bool  # whether the fast path (seek near the end) gave the result
+    ring: FrameRing | None = None  # holds the YUVFrames' pixels; release() after use
+
+    def release(self) -> None:
+        """Hand the frame buffers to the next decode: the frames are invalid afterwards."""
+        if self.ring is not None:
+            self.ring.release()
+            self.ring = None
 
 
 def _timing(stream: Any) -> tuple[int, int, Fraction] | None:
@@ -117,7 +126,12 @@ def _is_cover_art(stream: Any) -> bool:
 
 
 def _decode(
-    path: str, num_frames: int, fast: bool, watcher: Any = None, exact_start: bool = True
+    path: str,
+    num_frames: int,
+    fast: bool,
+    watcher: Any = None,
+    exact_start: bool = True,
+    copy: bool = False,
 ) -> _Tail:
     """Decode ``path`` keeping its last ``num_frames`` frames.
 
@@ -132,6 +146,10 @@ def _decode(
 
     ``watcher``: gets ``watcher.start(stream, num_frames)`` once the file is open and
     ``watcher.frame(frame)`` for every decoded frame, in presentation order.
+
+    ``copy``: keep planar 8-bit YUV frames as :class:`~smart_turn_mm.yuv.YUVFrame` copies in
+    a reused :class:`~smart_turn_mm.yuv.FrameRing` (call ``release()`` on the result when
+    done), so that FFmpeg recycles its frame buffers (see :mod:`smart_turn_mm.yuv`).
     """
     import av
 
@@ -146,7 +164,9 @@ def _decode(
         if not streams:
             raise ValueError(f"{path} has no video stream")
         stream = streams[0]
-        stream.thread_type = "AUTO"  # frame threads, as many as FFmpeg sees fit
+        # FFmpeg's default threading (slice threads, count chosen by FFmpeg) is kept: frame
+        # threads cost more than they gain on the short tails decoded here (2 cores, 640x480:
+        # 38-41 ms against 46-49 ms for the benchmark clip, benchmarks/bench_video.py).
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else None
         threshold = _window_start(stream, num_frames) if fast else None
@@ -163,12 +183,13 @@ def _decode(
         if watcher is not None:
             watcher.start(stream, num_frames)
         tail: deque[Any] = deque(maxlen=num_frames)
+        ring: FrameRing | None = None
         held: list[Any] = []  # packets from the estimated window start on (exact_start)
         num_decoded = 0
         first_pts = None
 
         def decode(packet: Any, skip_before: int | None) -> None:
-            nonlocal num_decoded, first_pts
+            nonlocal num_decoded, first_pts, ring
             if skip_before is not None:
                 before = packet.pts is not None and packet.pts < skip_before
                 codec.skip_frame = "NONREF" if before else "DEFAULT"
@@ -176,9 +197,13 @@ def _decode(
                 if num_decoded == 0:
                     first_pts = frame.pts
                 num_decoded += 1
-                tail.append(frame)
                 if watcher is not None:
                     watcher.frame(frame)
+                if skip_before is not None and frame.pts is not None and frame.pts < skip_before:
+                    continue  # before the window: never among the last frames of an exact tail
+                if copy and ring is None:
+                    ring = FrameRing.acquire(frame, num_frames + 1)
+                tail.append(frame if ring is None else ring.keep(frame))
 
         hold = exact_start and threshold is not None
         wide = threshold
@@ -195,6 +220,8 @@ def _decode(
                 for packet in held:
                     decode(packet, threshold)
         except av.error.FFmpegError as e:
+            if ring is not None:
+                ring.release()
             raise ValueError(f"cannot decode video file {path}: {e}") from e
     if threshold is not None:
         # The tail is exact when decoding started at or before the window and every kept
@@ -206,20 +233,26 @@ def _decode(
             and all(f.pts is not None and f.pts >= threshold for f in tail)
         )
         if not exact:
+            tail.clear()
+            if ring is not None:
+                ring.release()
             if threshold != wide:  # the exact start was wrong: try the margin alone
-                return _decode(path, num_frames, True, watcher, exact_start=False)
-            return _decode(path, num_frames, False, watcher)
-    return _Tail(list(tail), fps, num_decoded, seeked)
+                return _decode(path, num_frames, True, watcher, exact_start=False, copy=copy)
+            return _decode(path, num_frames, False, watcher, copy=copy)
+    return _Tail(list(tail), fps, num_decoded, seeked, ring)
 
 
-def _decode_tail(path: str | os.PathLike[str], num_frames: int, watcher: Any = None) -> _Tail:
+def _decode_tail(
+    path: str | os.PathLike[str], num_frames: int, watcher: Any = None, copy: bool = False
+) -> _Tail:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"video file not found: {path}")
-    tail = _decode(path, num_frames, fast=True, watcher=watcher)
+    tail = _decode(path, num_frames, fast=True, watcher=watcher, copy=copy)
     if not tail.frames:
+        tail.release()
         raise ValueError(f"no decodable video frames in {path}")
     return tail
 
@@ -257,16 +290,18 @@ class _EarlyDetection:
     The frames expected to become the clip's first and middle detection frames
     (:func:`~smart_turn_mm.face.clip_detection_frames`; the last one is decoded last) are
     recognised by their timestamps and detected at once. :meth:`faces` uses a result only
-    for the very frame object that ended up at that index, and detects any other frame
-    itself, so a wrong guess (variable frame rate, a fallback decode) costs time, never
-    correctness. Detection calls never overlap, and run in the clip's frame order.
+    for a frame of the same decoding pass with the same timestamp as the frame that ended up
+    at that index, and detects any other frame itself, so a wrong guess (variable frame
+    rate, a fallback decode) costs time, never correctness. Detection calls never overlap,
+    and run in the clip's frame order.
     """
 
     def __init__(self, detector: FaceDetector | None) -> None:
         self._detector = detector
         self._targets: list[Fraction] = []  # expected pts, in order
         self._half_step = Fraction(0)
-        self._started: dict[int, tuple[Any, Future[np.ndarray]]] = {}  # id(frame) ->
+        self._pass = 0  # decoding passes started (a fallback decode starts another)
+        self._started: dict[tuple[int, int], Future[np.ndarray]] = {}  # (pass, pts) ->
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> _EarlyDetection:
@@ -278,6 +313,7 @@ class _EarlyDetection:
 
     def start(self, stream: Any, num_frames: int) -> None:
         """Called by the decoder once the stream is open (again for a fallback decode)."""
+        self._pass += 1
         self._targets = []
         timing = _timing(stream)
         if timing is None:
@@ -297,7 +333,7 @@ class _EarlyDetection:
             self._targets.pop(0)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="smart_turn_mm-face")
-            self._started[id(frame)] = frame, self._pool.submit(self._detect, frame)
+            self._started[self._pass, frame.pts] = self._pool.submit(self._detect, frame)
         elif frame.pts > self._targets[0]:
             self._targets.pop(0)  # no frame there
 
@@ -308,14 +344,12 @@ class _EarlyDetection:
     def faces(self, frames: Sequence[Any]) -> list[np.ndarray]:
         """Detector outputs for the clip's detection frames, in order."""
         # Guesses of an abandoned decode may still run: never call the detector alongside.
-        wait([future for _, future in self._started.values()])
+        wait(list(self._started.values()))
         faces = []
         for i in clip_detection_frames(len(frames)):
-            started = self._started.get(id(frames[i]))
-            if started is not None and started[0] is frames[i]:
-                faces.append(started[1].result())
-            else:
-                faces.append(self._detect(frames[i]))
+            pts = frames[i].pts
+            started = None if pts is None else self._started.get((self._pass, pts))
+            faces.append(started.result() if started is not None else self._detect(frames[i]))
         return faces
 
 
@@ -459,13 +493,17 @@ def prepare_video(
         # Decoded frames stay in YUV: the detector converts the 3 it looks at (two of them
         # on a worker thread while decoding goes on), crop_frames crops before converting.
         with _EarlyDetection(detector) as early:
-            tail = _decode_tail(source, num_frames, early if face_crop else None)
-            frames, fps = tail.frames, tail.fps
-            height, width = frames[0].height, frames[0].width
-            if face_crop:
-                box, found = clip_box_from_faces(early.faces(frames), height, width)
-            else:
-                box, found = center_box(height, width), False
+            tail = _decode_tail(source, num_frames, early if face_crop else None, copy=True)
+            try:
+                frames, fps = tail.frames, tail.fps
+                height, width = frames[0].height, frames[0].width
+                if face_crop:
+                    box, found = clip_box_from_faces(early.faces(frames), height, width)
+                else:
+                    box, found = center_box(height, width), False
+                crops = crop_frames(frames, box, size)
+            finally:
+                tail.release()
     else:
         frames, fps = _as_frames(source)[-num_frames:], None
         height, width = frames[0].shape[:2]
@@ -473,7 +511,7 @@ def prepare_video(
             box, found = clip_face_box(frames, detector)
         else:
             box, found = center_box(height, width), False
-    crops = crop_frames(frames, box, size)
+        crops = crop_frames(frames, box, size)
     pixels = normalize_clip(pad_frames(crops, num_frames))
     return VideoClip(pixels, found, box, len(frames), fps)
 
