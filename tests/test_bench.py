@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+from media import write_test_video
 from tiny_models import tiny_multimodal_onnx
 
-from smart_turn_mm.bench import run_benchmark, to_markdown
+from smart_turn_mm.bench import published_video, run_benchmark, to_markdown
+from smart_turn_mm.video import KINETICS_MEAN, KINETICS_STD
 
 
 def test_benchmark_table(tmp_path_factory):
@@ -16,6 +19,8 @@ def test_benchmark_table(tmp_path_factory):
         "inference only, audio-only",
         "audio features",
         "video preprocessing",
+        "video preprocessing, baseline given the face box",
+        "video preprocessing, ours without face detection",
         "end-to-end, audio+video",
         "end-to-end, audio-only",
     ):
@@ -25,3 +30,22 @@ def test_benchmark_table(tmp_path_factory):
     table = to_markdown(results, "smart-turn-mm bench --runs 1")
     assert "| video preprocessing |" in table and "speed-up" in table
     assert results["machine"]["cores"] >= 1
+
+
+def test_published_video_baseline_squashes_the_whole_frame(tmp_path):
+    # Left half black, right half white, 10 frames: the published path resizes the whole
+    # frame (no crop) and pads a short clip with zeros after normalising; given a box, it
+    # crops first.
+    frame = np.zeros((96, 128, 3), np.uint8)
+    frame[:, 64:] = 255
+    path = tmp_path / "halves.mp4"
+    write_test_video(path, [frame] * 10)
+    clip = published_video(path, num_frames=16, size=32)
+    assert clip.shape == (1, 3, 16, 32, 32) and clip.dtype == np.float32
+    pixels = clip[0] * np.asarray(KINETICS_STD)[:, None, None, None]
+    pixels += np.asarray(KINETICS_MEAN)[:, None, None, None]
+    assert pixels[:, :10, :, :12].max() < 0.05 and pixels[:, :10, :, 20:].min() > 0.95
+    assert not clip[0, :, 10:].any()  # zeros after normalisation, as published
+    cropped = published_video(path, (64, 0, 128, 64), num_frames=16, size=32)
+    cropped = cropped[0, :, :10] * np.asarray(KINETICS_STD)[:, None, None, None]
+    assert (cropped + np.asarray(KINETICS_MEAN)[:, None, None, None]).min() > 0.95
