@@ -598,7 +598,9 @@ def clip_box_from_faces(
     return _square_box(cx, cy, size, score, height, width, margin), True
 
 
-def crop_frames(frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int) -> np.ndarray:
+def crop_frames(
+    frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int, *, channels_first: bool = False
+) -> np.ndarray:
     """Crop every frame to ``box`` and resize to ``size`` x ``size``: THE face crop.
 
     Args:
@@ -607,6 +609,7 @@ def crop_frames(frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int) -> 
             (mixing them is allowed).
         box: the crop box (from :func:`clip_face_box` or :func:`center_box`).
         size: output side in pixels.
+        channels_first: return (3, T, size, size), the model's layout, instead.
 
     Returns:
         uint8 (T, size, size, 3) RGB, resized with FFmpeg's scaler (:data:`RESIZE_INTERPOLATION`).
@@ -627,7 +630,10 @@ def crop_frames(frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int) -> 
     options = sws_options()
     resize = {"width": size, "height": size, "interpolation": RESIZE_INTERPOLATION}
     yuv: dict[str, tuple[Any, list[np.ndarray]]] = {}  # format -> (crop frame, plane views)
-    out = np.empty((len(frames), size, size, 3), dtype=np.uint8)
+    if channels_first:  # a (T, S, S, 3) view of a (3, T, S, S) array: YUV crops fill planes
+        out = np.empty((3, len(frames), size, size), dtype=np.uint8).transpose(1, 2, 3, 0)
+    else:
+        out = np.empty((len(frames), size, size, 3), dtype=np.uint8)
     for t, frame in enumerate(frames):
         if isinstance(frame, av.VideoFrame):
             height, width = frame.height, frame.width
@@ -664,6 +670,8 @@ def crop_frames(frames: Sequence[Any] | np.ndarray, box: FaceBox, size: int) -> 
         image = reformatter.reformat(small, format="gbrp", **resize, **options)
         for channel, plane in zip((1, 2, 0), image.planes, strict=True):  # G, B, R planes
             out[t, :, :, channel] = plane_array(plane)
+    if channels_first:
+        return out.transpose(3, 0, 1, 2)  # the contiguous (3, T, size, size) array
     return out
 
 

@@ -298,8 +298,8 @@ class _EarlyDetection:
 
     def __init__(self, detector: FaceDetector | None) -> None:
         self._detector = detector
-        self._targets: list[Fraction] = []  # expected pts, in order
-        self._half_step = Fraction(0)
+        self._targets: list[float] = []  # expected pts, in order (floats: compared per frame)
+        self._half_step = 0.0
         self._pass = 0  # decoding passes started (a fallback decode starts another)
         self._started: dict[tuple[int, int], Future[np.ndarray]] = {}  # (pass, pts) ->
         self._pool: ThreadPoolExecutor | None = None
@@ -321,9 +321,9 @@ class _EarlyDetection:
         start, end, step = timing
         if end - start < num_frames * step:
             return  # a short clip: its detection frames are not where the model's would be
-        self._half_step = step / 2
+        self._half_step = float(step / 2)
         indices = clip_detection_frames(num_frames)[:-1]
-        self._targets = [end - (num_frames - i) * step for i in indices]
+        self._targets = [float(end - (num_frames - i) * step) for i in indices]
 
     def frame(self, frame: Any) -> None:
         """Called by the decoder for every decoded frame, in presentation order."""
@@ -381,16 +381,21 @@ def pad_frames(frames: Sequence[Any] | np.ndarray, num_frames: int = NUM_FRAMES)
     return frames + [frames[-1]] * (num_frames - len(frames))
 
 
-def normalize_clip(frames_uint8: np.ndarray) -> np.ndarray:
-    """uint8 (T, H, W, 3) RGB -> float32 (3, T, H, W): ``(x / 255 - mean) / std`` (Kinetics)."""
+def normalize_clip(frames_uint8: np.ndarray, *, channels_first: bool = False) -> np.ndarray:
+    """uint8 (T, H, W, 3) RGB -> float32 (3, T, H, W): ``(x / 255 - mean) / std`` (Kinetics).
+
+    ``channels_first``: the input is already (3, T, H, W) (``crop_frames(channels_first=True)``).
+    """
     if not isinstance(frames_uint8, np.ndarray) or frames_uint8.dtype != np.uint8:
         dtype = getattr(frames_uint8, "dtype", type(frames_uint8).__name__)
         raise TypeError(f"normalize_clip expects a uint8 array, got {dtype}")
-    if frames_uint8.ndim != 4 or frames_uint8.shape[3] != 3:
-        raise ValueError(f"expected (T, H, W, 3) frames, got shape {frames_uint8.shape}")
-    out = np.empty((3, *frames_uint8.shape[:3]), dtype=np.float32)
+    layout = "(3, T, H, W)" if channels_first else "(T, H, W, 3)"
+    if frames_uint8.ndim != 4 or frames_uint8.shape[0 if channels_first else 3] != 3:
+        raise ValueError(f"expected {layout} frames, got shape {frames_uint8.shape}")
+    planes = frames_uint8 if channels_first else frames_uint8.transpose(3, 0, 1, 2)
+    out = np.empty(planes.shape, dtype=np.float32)
     for c in range(3):
-        np.subtract(frames_uint8[..., c], _NORM_SHIFT[c], out=out[c], dtype=np.float32)
+        np.subtract(planes[c], _NORM_SHIFT[c], out=out[c], dtype=np.float32)
         out[c] *= _NORM_SCALE[c]
     return out
 
@@ -501,7 +506,7 @@ def prepare_video(
                     box, found = clip_box_from_faces(early.faces(frames), height, width)
                 else:
                     box, found = center_box(height, width), False
-                crops = crop_frames(frames, box, size)
+                crops = crop_frames(pad_frames(frames, num_frames), box, size, channels_first=True)
             finally:
                 tail.release()
     else:
@@ -511,8 +516,8 @@ def prepare_video(
             box, found = clip_face_box(frames, detector)
         else:
             box, found = center_box(height, width), False
-        crops = crop_frames(frames, box, size)
-    pixels = normalize_clip(pad_frames(crops, num_frames))
+        crops = crop_frames(pad_frames(frames, num_frames), box, size, channels_first=True)
+    pixels = normalize_clip(crops, channels_first=True)
     return VideoClip(pixels, found, box, len(frames), fps)
 
 

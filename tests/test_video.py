@@ -121,6 +121,11 @@ def test_normalize_clip_values_and_layout():
     np.testing.assert_allclose(V.normalize_clip(levels)[:, 0, :, 0], exact[0, :, 0].T, atol=3e-7)
     with pytest.raises(TypeError, match="uint8"):
         V.normalize_clip(clip.astype(np.float32))
+    # The model's layout in: the same values.
+    planar = np.ascontiguousarray(clip.transpose(3, 0, 1, 2))
+    np.testing.assert_array_equal(V.normalize_clip(planar, channels_first=True), out)
+    with pytest.raises(ValueError, match=r"\(3, T, H, W\)"):
+        V.normalize_clip(clip, channels_first=True)
 
 
 def test_prepare_video_from_a_file(clips):

@@ -59,10 +59,15 @@ def test_copies_equal_the_decoded_frames(clips):
 def test_crop_of_copies_equals_crop_of_decoded_frames(clips):
     full = V._decode(str(clips[1]), V.NUM_FRAMES, fast=True)
     copied = V._decode(str(clips[1]), V.NUM_FRAMES, fast=True, copy=True)
+    rgb = [f.to_ndarray(format="rgb24") for f in full.frames[:4]]
     for box in (F.FaceBox(41, 17, 141, 117, 1.0), F.FaceBox(40, 16, 140, 116, 1.0)):  # odd/even
-        np.testing.assert_array_equal(
-            F.crop_frames(copied.frames, box, 64), F.crop_frames(full.frames, box, 64)
-        )
+        crops = F.crop_frames(full.frames, box, 64)
+        np.testing.assert_array_equal(F.crop_frames(copied.frames, box, 64), crops)
+        # The model's layout: the same pixels, as a contiguous (3, T, S, S) array.
+        for frames, reference in ((copied.frames, crops), (rgb, F.crop_frames(rgb, box, 64))):
+            planar = F.crop_frames(frames, box, 64, channels_first=True)
+            assert planar.flags.c_contiguous and planar.shape == (3, len(frames), 64, 64)
+            np.testing.assert_array_equal(planar, reference.transpose(3, 0, 1, 2))
 
 
 def test_slots_rotate_and_keep_the_recent_frames():
