@@ -302,6 +302,7 @@ class _EarlyDetection:
         self._half_step = 0.0
         self._pass = 0  # decoding passes started (a fallback decode starts another)
         self._started: dict[tuple[int, int], Future[np.ndarray]] = {}  # (pass, pts) ->
+        self._last: Any = None  # the pass's latest decoded frame (the clip's last one at the end)
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> _EarlyDetection:
@@ -315,6 +316,7 @@ class _EarlyDetection:
         """Called by the decoder once the stream is open (again for a fallback decode)."""
         self._pass += 1
         self._targets = []
+        self._last = None
         timing = _timing(stream)
         if timing is None:
             return
@@ -327,6 +329,7 @@ class _EarlyDetection:
 
     def frame(self, frame: Any) -> None:
         """Called by the decoder for every decoded frame, in presentation order."""
+        self._last = frame  # detected as it is, with no copy, if it ends the clip
         if not self._targets or frame.pts is None:
             return
         if abs(frame.pts - self._targets[0]) <= self._half_step:
@@ -347,9 +350,14 @@ class _EarlyDetection:
         wait(list(self._started.values()))
         faces = []
         for i in clip_detection_frames(len(frames)):
-            pts = frames[i].pts
+            frame, pts = frames[i], frames[i].pts
             started = None if pts is None else self._started.get((self._pass, pts))
-            faces.append(started.result() if started is not None else self._detect(frames[i]))
+            if started is not None:
+                faces.append(started.result())
+                continue
+            if i == len(frames) - 1 and pts is not None and getattr(self._last, "pts", None) == pts:
+                frame = self._last  # the decoder's own frame of this pass: the same pixels
+            faces.append(self._detect(frame))
         return faces
 
 
