@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from smart_turn_mm.locations import atomic_path
+
 __all__ = [
     "METADATA_FIELDS",
     "METADATA_NAME",
@@ -235,11 +237,9 @@ def write_metadata(root: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> P
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / METADATA_NAME
-    tmp = path.with_name(f".{METADATA_NAME}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

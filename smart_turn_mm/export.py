@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smart_turn_mm import graph_split
-from smart_turn_mm.locations import sha256_file
+from smart_turn_mm.locations import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -481,15 +481,8 @@ def _fmt(value: Any) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, graph_split.file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _file_info(path: Path, precision: str, part: str) -> dict[str, Any]:

@@ -31,7 +31,6 @@ import hashlib
 import importlib.util
 import itertools
 import os
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from smart_turn_mm.locations import cache_dir, sha256_file
+from smart_turn_mm.locations import atomic_path, cache_dir, sha256_file
 from smart_turn_mm.yuv import YUV_SUBSAMPLING, YUVFrame, plane_array
 
 __all__ = [
@@ -125,14 +124,8 @@ def _download(target: Path) -> None:
             + advice
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=YUNET_FILENAME, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target, suffix=".part") as tmp:
+        tmp.write_bytes(data)
 
 
 def face_model_path(path: str | os.PathLike[str] | None = None, *, download: bool = True) -> Path:

@@ -20,12 +20,11 @@ Imported by the inference path: ``onnx`` is imported inside the functions only (
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from smart_turn_mm.locations import sha256_file
+from smart_turn_mm.locations import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -249,29 +248,12 @@ def _writable_dir(folder: Path) -> None:
         )
 
 
-def file_mode() -> int:
-    """Permissions for a new file under the current umask (``mkstemp`` gives 0600)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
     """Save a single-file ONNX model via a temporary file in the same directory + os.replace."""
     import onnx
 
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise PermissionError(f"cannot write {path}: {e}") from e
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp, save_as_external_data=False)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
 
 
 def _set_metadata(model: onnx.ModelProto, values: Iterable[tuple[str, str]]) -> None:

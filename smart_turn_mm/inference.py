@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from smart_turn_mm.audio import N_FRAMES, N_MELS, whisper_features
-from smart_turn_mm.locations import cache_dir, find_smart_turn_v3_onnx
+from smart_turn_mm.locations import atomic_path, cache_dir, find_smart_turn_v3_onnx
 
 __all__ = [
     "HUB_REPOS",
@@ -150,12 +150,14 @@ def _hub_download(repo: str, filename: str, *, local_only: bool) -> Path:
         if local_only:
             raise FileNotFoundError(f"{target} not cached") from None
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
         url = f"https://huggingface.co/{repo}/resolve/main/{filename}"
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
+        with (
+            atomic_path(target, suffix=".part") as tmp,
+            urllib.request.urlopen(url, timeout=30) as response,
+            open(tmp, "wb") as out,
+        ):
             while chunk := response.read(1 << 20):
                 out.write(chunk)
-        os.replace(tmp, target)
         return target
     return Path(hf_hub_download(repo, filename, local_files_only=local_only))
 

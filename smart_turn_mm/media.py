@@ -7,7 +7,6 @@ every generated clip is encoded the same way. Writes are atomic (temporary file 
 from __future__ import annotations
 
 import os
-import tempfile
 import wave
 from collections.abc import Iterable
 from fractions import Fraction
@@ -15,15 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from smart_turn_mm.locations import atomic_path
+
 __all__ = ["write_video", "write_wav"]
-
-
-def _temp_beside(path: Path) -> Path:
-    """A temporary file next to ``path`` with ordinary (0644) permissions, not mkstemp's 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    return Path(tmp)
 
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 16000) -> Path:
@@ -33,17 +26,11 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 160
     if samples.ndim != 1:
         raise ValueError(f"write_wav expects mono audio (n,), got shape {samples.shape}")
     pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    tmp = _temp_beside(path)
-    try:
-        with wave.open(str(tmp), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(sample_rate)
-            w.writeframes(pcm.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=path.suffix) as tmp, wave.open(str(tmp), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
     return path
 
 
@@ -66,41 +53,38 @@ def write_video(
     import av
 
     path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.pix_fmt = "yuv420p"
-            options = {"crf": None if crf is None else str(crf), "preset": preset}
-            stream.options = {k: v for k, v in options.items() if v is not None}
-            if gop_size is not None:
-                stream.codec_context.gop_size = gop_size
-            astream = container.add_stream("aac", rate=sample_rate) if audio is not None else None
-            count = 0
-            for frame in frames:
-                if count == 0:
-                    height, width = frame.shape[:2]
-                    if height % 2 or width % 2:
-                        raise ValueError(f"H.264 needs even frame sizes, got {width}x{height}")
-                    stream.width, stream.height = width, height
-                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")
-                container.mux(stream.encode(video_frame))
-                count += 1
+    with (
+        atomic_path(path, suffix=path.suffix) as tmp,
+        av.open(str(tmp), mode="w", format="mp4") as container,
+    ):
+        stream = container.add_stream("libx264", rate=fps)
+        stream.pix_fmt = "yuv420p"
+        options = {"crf": None if crf is None else str(crf), "preset": preset}
+        stream.options = {k: v for k, v in options.items() if v is not None}
+        if gop_size is not None:
+            stream.codec_context.gop_size = gop_size
+        astream = container.add_stream("aac", rate=sample_rate) if audio is not None else None
+        count = 0
+        for frame in frames:
             if count == 0:
-                raise ValueError("write_video needs at least one frame")
-            container.mux(stream.encode())
-            if astream is not None:
-                samples = np.asarray(audio, dtype=np.float32)
-                for start in range(0, len(samples), 1024):
-                    block = samples[start : start + 1024][None, :]
-                    aframe = av.AudioFrame.from_ndarray(block, format="flt", layout="mono")
-                    aframe.sample_rate = sample_rate
-                    aframe.pts = start
-                    aframe.time_base = Fraction(1, sample_rate)
-                    container.mux(astream.encode(aframe))
-                container.mux(astream.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                height, width = frame.shape[:2]
+                if height % 2 or width % 2:
+                    raise ValueError(f"H.264 needs even frame sizes, got {width}x{height}")
+                stream.width, stream.height = width, height
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")
+            container.mux(stream.encode(video_frame))
+            count += 1
+        if count == 0:
+            raise ValueError("write_video needs at least one frame")
+        container.mux(stream.encode())
+        if astream is not None:
+            samples = np.asarray(audio, dtype=np.float32)
+            for start in range(0, len(samples), 1024):
+                block = samples[start : start + 1024][None, :]
+                aframe = av.AudioFrame.from_ndarray(block, format="flt", layout="mono")
+                aframe.sample_rate = sample_rate
+                aframe.pts = start
+                aframe.time_base = Fraction(1, sample_rate)
+                container.mux(astream.encode(aframe))
+            container.mux(astream.encode())
     return path

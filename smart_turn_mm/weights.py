@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smart_turn_mm.locations import find_smart_turn_v3_onnx
+from smart_turn_mm.locations import atomic_path, find_smart_turn_v3_onnx
 from smart_turn_mm.model import ModelConfig, SmartTurnMultimodal
 
 __all__ = [
@@ -52,16 +51,9 @@ AUDIO_PREFIXES = ("encoder.", "pool_attention.", "classifier.")
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` via a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are ordinary files
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``path`` with ``write(tmp)`` via :func:`~smart_turn_mm.locations.atomic_path`."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def save_pretrained(
