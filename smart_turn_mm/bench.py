@@ -157,6 +157,10 @@ def published_video(
 
     ``box``: a stricter baseline than the published code, which never crops: crop each PIL
     image to this face box first, then resize with the bilinear filter (a smaller resize).
+
+    Normalised per channel as the published code means to: as written, it subtracts a
+    (3, 1, 1) mean indexed ``[:, None, None]`` from the (3, T, S, S) clip, which broadcasts to
+    (3, 3, T, S, S), three times the float64 work, and a 6-D input that ONNX Runtime rejects.
     """
     import av
     from PIL import Image

@@ -274,7 +274,9 @@ class TurnModel:
     def __init__(self, path: Path, providers: tuple[str, ...], threads: int | None) -> None:
         self.path = Path(path)
         self.providers = providers
+        self.threads = threads
         self._sessions: dict[str, Any] = {}
+        self._split_paths: dict[str, Path] = {}
         main = _session(self.path, providers, threads)
         names = {i.name for i in main.get_inputs()}
         outputs = [o.name for o in main.get_outputs()]
@@ -305,6 +307,7 @@ class TurnModel:
             self._sessions["combined"] = main
         else:
             del main
+            self._split_paths = dict(split)
             for part in SPLIT_PARTS:
                 self._sessions[part] = _session(split[part], providers, threads)
 
@@ -350,11 +353,27 @@ class TurnModel:
             raise TypeError(f"pixel_values must be float32, got {pixels.dtype}")
         return pixels
 
-    def audio_embedding(self, features: np.ndarray) -> np.ndarray:
-        """(B, 80, 800) -> (B, d) audio embedding (split models only)."""
-        return self._sessions["audio"].run(
-            None, {"input_features": self._check_features(features)}
-        )[0]
+    def audio_embedding(self, features: np.ndarray, *, beside_video: bool = False) -> np.ndarray:
+        """(B, 80, 800) -> (B, d) audio embedding (split models only).
+
+        ``beside_video``: the video branch runs on another thread meanwhile; on the CPU the
+        audio graph then gets a session of its own with one thread (created on first use), so
+        that it fills the cores the backbone leaves idle instead of contending for them.
+        """
+        session = self._audio_beside_video() if beside_video else self._sessions["audio"]
+        return session.run(None, {"input_features": self._check_features(features)})[0]
+
+    def _audio_beside_video(self) -> Any:
+        # The backbone keeps 2 cores only ~85 % busy (1.39 s CPU in 0.82 s, int8); a 1-thread
+        # audio graph beside it costs the call nothing measurable, where the 2-thread session
+        # run beside the video preparation cost ~100 ms (benchmarks/RESULTS.md).
+        if self.threads == 1 or self.providers[0] != "CPUExecutionProvider":
+            return self._sessions["audio"]
+        with self._lock:
+            if "audio_beside_video" not in self._sessions:
+                path = self._split_paths["audio"]
+                self._sessions["audio_beside_video"] = _session(path, self.providers, 1)
+            return self._sessions["audio_beside_video"]
 
     def video_embedding(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, 3, T, H, W) -> (B, v) video embedding (split models only)."""
@@ -438,7 +457,7 @@ _VIDEO_POOL: ThreadPoolExecutor | None = None
 
 
 def _video_pool() -> ThreadPoolExecutor:
-    """The worker threads that prepare video while the audio path runs (created on first use)."""
+    """The worker threads that run video branches beside the audio path (made on first use)."""
     global _VIDEO_POOL
     with _MODELS_LOCK:
         if _VIDEO_POOL is None:
@@ -446,9 +465,29 @@ def _video_pool() -> ThreadPoolExecutor:
         return _VIDEO_POOL
 
 
-def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+@dataclass(frozen=True)
+class _VideoBranch:
+    pixels: np.ndarray | None  # None: no face found (= no video)
+    embedding: np.ndarray | None  # split models: the video embedding, else None
+    face_found: bool | None
+    prepare_ms: float
+    model_ms: float
+
+
+def _video_branch(turn_model: TurnModel, video: Any, face_crop: bool) -> _VideoBranch:
+    """Prepare the video and, for split models, run the video graph (on a worker thread)."""
     start = time.perf_counter()
-    return fn(*args), (time.perf_counter() - start) * 1e3
+    pixels, face_found = _prepare_pixels(turn_model, video, face_crop)
+    if face_crop and face_found is False:
+        pixels = None  # no face = no video: the model's no-video embedding (SPEC 2)
+    prepared = time.perf_counter()
+    embedding = None
+    if turn_model.split and pixels is not None:
+        embedding = turn_model.video_embedding(pixels)
+    end = time.perf_counter()
+    return _VideoBranch(
+        pixels, embedding, face_found, (prepared - start) * 1e3, (end - prepared) * 1e3
+    )
 
 
 _MODELS: dict[tuple[str, tuple[str, ...], int | None], TurnModel] = {}
@@ -526,44 +565,46 @@ def predict_endpoint(
     t0 = time.perf_counter()
     turn_model = load_model(model, providers=providers, threads=threads)
     t1 = time.perf_counter()
-    # The video is decoded and cropped on a worker thread while the audio features (and, for
-    # split models, the audio embedding) are computed: PyAV and ONNX Runtime release the GIL.
+    # The video branch (decode, crop and, for split models, the video graph) runs on a worker
+    # thread while this one computes the audio features and embedding: PyAV and ONNX Runtime
+    # release the GIL, and the audio graph fills the cores the backbone leaves idle.
     pending = None
     if video is not None and turn_model.has_video:
-        pending = _video_pool().submit(_timed, _prepare_pixels, turn_model, video, face_crop)
+        pending = _video_pool().submit(_video_branch, turn_model, video, face_crop)
     try:
         features = whisper_features(audio, sample_rate=sample_rate)[None]
         t2 = time.perf_counter()
-        audio_embedding = turn_model.audio_embedding(features) if turn_model.split else None
+        audio_embedding = None
+        if turn_model.split:
+            audio_embedding = turn_model.audio_embedding(features, beside_video=pending is not None)
         t_audio = time.perf_counter()
     except BaseException:
         if pending is not None:
             pending.cancel()
         raise
-    pixels, face_found, video_ms = None, None, 0.0
-    if pending is not None:
-        (pixels, face_found), video_ms = pending.result()
-        if face_crop and face_found is False:
-            pixels = None  # no face = no video: the model's no-video embedding (SPEC 2)
+    branch = None if pending is None else pending.result()
+    pixels = None if branch is None else branch.pixels
     t3 = time.perf_counter()
     if audio_embedding is not None:
-        video_embedding = None if pixels is None else turn_model.video_embedding(pixels)
+        video_embedding = None if branch is None else branch.embedding
         probability = float(turn_model.head(audio_embedding, video_embedding)[0])
     else:
         probability = float(turn_model.predict(features, pixels)[0])
     t4 = time.perf_counter()
+    video_model_ms = 0.0 if branch is None else branch.model_ms
     timings = {
         "load_ms": (t1 - t0) * 1e3,
         "audio_features_ms": (t2 - t1) * 1e3,
-        "video_ms": video_ms,  # on the worker thread, overlapping the audio work
-        "model_ms": ((t_audio - t2) + (t4 - t3)) * 1e3,
+        "video_ms": 0.0 if branch is None else branch.prepare_ms,  # worker thread, overlapped
+        # ONNX Runtime: audio graph + video graph (worker thread, overlapped) + head/whole graph
+        "model_ms": ((t_audio - t2) + (t4 - t3)) * 1e3 + video_model_ms,
         "total_ms": (t4 - t1) * 1e3,
     }
     return EndpointResult(
         prediction=int(probability > threshold),
         probability=probability,
         used_video=pixels is not None,
-        face_found=face_found,
+        face_found=None if branch is None else branch.face_found,
         model=turn_model.path.name,
         timings_ms=timings,
     )

@@ -218,3 +218,22 @@ def test_multimodal_predict_matches_parts(tmp_path_factory, speech):
     )
     with pytest.raises(ValueError, match=r"\(T, H, W, 3\) uint8"):
         predict_endpoint(speech, np.zeros((4, 40, 60), np.uint8), model=model)
+
+
+def test_audio_graph_beside_video_has_one_thread(tmp_path_factory, speech):
+    """Beside the video branch the audio graph runs in a 1-thread session, same numbers."""
+    from tiny_models import tiny_multimodal_onnx
+
+    path = tiny_multimodal_onnx(tmp_path_factory.getbasetemp() / "tiny-mm")
+    features = whisper_features(speech)[None]
+    model = load_model(path)
+    beside = model._audio_beside_video()
+    assert beside is not model._sessions["audio"]
+    assert beside.get_session_options().intra_op_num_threads == 1
+    np.testing.assert_allclose(
+        model.audio_embedding(features, beside_video=True),
+        model.audio_embedding(features),
+        atol=1e-6,
+    )
+    single = load_model(path, threads=1)  # already one thread: no second session
+    assert single._audio_beside_video() is single._sessions["audio"]
