@@ -12,8 +12,9 @@ on all-zero pixels when there is no video. A stricter video row is added: the pu
 steps with a crop to the face box (found beforehand, not timed) before a bilinear resize;
 and a like-for-like one: ours without face detection (``face_crop=False``), as published.
 Ours: ``whisper_features``, ``prepare_video`` (seek to the tail, frames kept as YUV, one
-FFmpeg crop+resize per frame), the split sessions (audio-only calls skip the backbone) with
-thread spinning off, i.e. ``predict_endpoint``.
+FFmpeg crop+resize per frame), the split sessions (audio-only calls skip the backbone; with
+video, the audio graph runs in a 1-thread session beside the video graph) with thread spinning
+off, i.e. ``TurnModel.predict`` and ``predict_endpoint``.
 
 Timed calls are separated by an idle gap (``--gap-ms``): on 2 cores ONNX Runtime's spinning
 worker threads otherwise distort back-to-back timings. Cases are interleaved in rounds so that

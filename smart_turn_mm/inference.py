@@ -414,8 +414,15 @@ class TurnModel:
                 f"batch mismatch: {features.shape[0]} features, {pixels.shape[0]} clips"
             )
         if self.split:
-            video = None if pixels is None else self.video_embedding(pixels)
-            return self.head(self.audio_embedding(features), video)
+            if pixels is None:
+                return self.head(self.audio_embedding(features), None)
+            # The audio graph (one thread) beside the video graph, which this thread runs.
+            audio = _beside_pool().submit(self.audio_embedding, features, beside_video=True)
+            try:
+                video = self.video_embedding(pixels)
+            finally:
+                audio_embedding = audio.result()
+            return self.head(audio_embedding, video)
         if pixels is None:
             if self.no_video != "zero_pixels":
                 raise ValueError(
@@ -454,6 +461,18 @@ def _find_or_make_split(path: Path) -> dict[str, Path] | None:
 
 
 _VIDEO_POOL: ThreadPoolExecutor | None = None
+
+
+_BESIDE_POOL: ThreadPoolExecutor | None = None
+
+
+def _beside_pool() -> ThreadPoolExecutor:
+    """Threads for audio graphs run beside a video graph; their tasks never wait on others."""
+    global _BESIDE_POOL
+    with _MODELS_LOCK:
+        if _BESIDE_POOL is None:
+            _BESIDE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="smart-turn-audio")
+        return _BESIDE_POOL
 
 
 def _video_pool() -> ThreadPoolExecutor:
