@@ -417,7 +417,7 @@ class TurnModel:
             if pixels is None:
                 return self.head(self.audio_embedding(features), None)
             # The audio graph (one thread) beside the video graph, which this thread runs.
-            audio = _beside_pool().submit(self.audio_embedding, features, beside_video=True)
+            audio = _pool("audio").submit(self.audio_embedding, features, beside_video=True)
             try:
                 video = self.video_embedding(pixels)
             finally:
@@ -460,28 +460,19 @@ def _find_or_make_split(path: Path) -> dict[str, Path] | None:
     return graph_split.split_combined(path, cache)
 
 
-_VIDEO_POOL: ThreadPoolExecutor | None = None
+_POOLS: dict[str, ThreadPoolExecutor] = {}
 
 
-_BESIDE_POOL: ThreadPoolExecutor | None = None
-
-
-def _beside_pool() -> ThreadPoolExecutor:
-    """Threads for audio graphs run beside a video graph; their tasks never wait on others."""
-    global _BESIDE_POOL
+def _pool(name: str) -> ThreadPoolExecutor:
+    """A named pool of worker threads (made on first use): ``video`` runs video branches beside
+    the audio path; ``audio`` runs audio graphs beside a video graph (its tasks never wait on
+    other tasks, so callers on any thread cannot deadlock)."""
     with _MODELS_LOCK:
-        if _BESIDE_POOL is None:
-            _BESIDE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="smart-turn-audio")
-        return _BESIDE_POOL
-
-
-def _video_pool() -> ThreadPoolExecutor:
-    """The worker threads that run video branches beside the audio path (made on first use)."""
-    global _VIDEO_POOL
-    with _MODELS_LOCK:
-        if _VIDEO_POOL is None:
-            _VIDEO_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="smart-turn-video")
-        return _VIDEO_POOL
+        if name not in _POOLS:
+            _POOLS[name] = ThreadPoolExecutor(
+                max_workers=4, thread_name_prefix=f"smart-turn-{name}"
+            )
+        return _POOLS[name]
 
 
 @dataclass(frozen=True)
@@ -589,7 +580,7 @@ def predict_endpoint(
     # release the GIL, and the audio graph fills the cores the backbone leaves idle.
     pending = None
     if video is not None and turn_model.has_video:
-        pending = _video_pool().submit(_video_branch, turn_model, video, face_crop)
+        pending = _pool("video").submit(_video_branch, turn_model, video, face_crop)
     try:
         features = whisper_features(audio, sample_rate=sample_rate)[None]
         t2 = time.perf_counter()
