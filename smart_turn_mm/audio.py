@@ -115,11 +115,9 @@ def load_audio(source: AudioSource, sample_rate: int = SAMPLE_RATE) -> np.ndarra
 
     import av  # lazy: keeps `import smart_turn_mm.audio` cheap
 
-    try:
-        container = av.open(file, mode="r")
-    except av.error.FFmpegError as e:
-        raise ValueError(f"{name}: cannot be read as an audio or video file ({e})") from e
-    with container:
+    from smart_turn_mm.media import open_media
+
+    with open_media(file, "audio", name) as container:
         if not container.streams.audio:
             kinds = ", ".join(s.type for s in container.streams) or "none"
             raise ValueError(f"{name}: no audio stream (streams found: {kinds})")

@@ -1,7 +1,11 @@
-"""Writing media files: 16-bit WAV and H.264 MP4 (optionally with AAC audio), via PyAV.
+"""Media files via PyAV: opening them for reading, and writing 16-bit WAV and H.264 MP4
+(optionally with AAC audio).
 
-Used by the synthetic dataset generator, dataset preparation, the benchmarks and the tests, so
-every generated clip is encoded the same way. Writes are atomic (temporary file + rename).
+Every reader (audio, video, dataset preparation, replay) opens files with :func:`open_media`
+and finds video with :func:`video_streams`, so bad files fail the same way everywhere. Writers
+are used by the synthetic dataset generator, dataset preparation, the benchmarks and the
+tests, so every generated clip is encoded the same way. Writes are atomic (temporary file +
+rename).
 """
 
 from __future__ import annotations
@@ -11,12 +15,46 @@ import wave
 from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from smart_turn_mm.locations import atomic_path
 
-__all__ = ["write_video", "write_wav"]
+__all__ = ["open_media", "video_streams", "write_video", "write_wav"]
+
+
+def open_media(
+    source: str | os.PathLike | BinaryIO, kind: str = "input", name: str | None = None
+) -> Any:
+    """Open a media file (or a binary file object) for reading: a PyAV input container.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: anything else FFmpeg cannot open: "cannot read {kind} file {name}: ..."
+            (``name`` defaults to the path).
+    """
+    import av  # lazy: keeps importing this module cheap
+
+    target = source if hasattr(source, "read") else os.fspath(source)  # type: ignore[arg-type]
+    try:
+        return av.open(target, mode="r")
+    except av.error.FFmpegError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        label = name or str(target)
+        detail = e.strerror or e
+        raise ValueError(
+            f"cannot read {kind} file {label}: not a readable media file ({detail})"
+        ) from e
+
+
+def video_streams(container: Any) -> list[Any]:
+    """The container's video streams, leaving out attached pictures (an audio file's cover art)."""
+    import av
+
+    flag = getattr(getattr(av.stream, "Disposition", None), "attached_pic", None)
+    return [s for s in container.streams.video if flag is None or not s.disposition & flag]
 
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 16000) -> Path:

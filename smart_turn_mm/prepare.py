@@ -304,18 +304,10 @@ class _Probe:
 
 
 def _probe(path: Path) -> _Probe:
-    import av
+    from .media import open_media, video_streams
 
-    from .video import _is_cover_art
-
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"not a readable media file ({e.strerror or e})") from e
-    with container:
-        videos = [s for s in container.streams.video if not _is_cover_art(s)]
+    with open_media(path) as container:
+        videos = video_streams(container)
         audios = list(container.streams.audio)
         rate, width, height = None, 0, 0
         if videos:
@@ -331,10 +323,10 @@ def _decoded_frames(path: Path, offset: float) -> Iterator[tuple[float, Any]]:
     """(time in seconds on the audio clock, av.VideoFrame) for every frame, in order."""
     import av
 
-    from .video import _is_cover_art
+    from .media import open_media, video_streams
 
-    with av.open(str(path)) as container:
-        stream = next(s for s in container.streams.video if not _is_cover_art(s))
+    with open_media(path) as container:
+        stream = video_streams(container)[0]
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate
         period = 1.0 / float(rate) if rate else 1.0 / 30.0

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from smart_turn_mm.audio import SAMPLE_RATE, load_audio
+from smart_turn_mm.media import open_media, video_streams
 from smart_turn_mm.realtime import (
     DetectorParams,
     EventKind,
@@ -38,21 +39,16 @@ __all__ = ["ReplayResult", "add_arguments", "iter_video_frames", "replay", "run"
 
 def iter_video_frames(path: str | os.PathLike[str]) -> Iterator[tuple[float, np.ndarray]]:
     """(time in seconds, uint8 RGB frame) for every frame of the first video stream."""
-    import av
-
     from smart_turn_mm.face import sws_options
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file not found: {path}")
-    try:
-        container = av.open(path)
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video file {path}: {e}") from e
-    with container:
-        if not container.streams.video:
+    with open_media(path, "video") as container:
+        streams = video_streams(container)
+        if not streams:
             raise ValueError(f"{path} has no video stream")
-        stream = container.streams.video[0]
+        stream = streams[0]
         stream.thread_type = "AUTO"
         options = sws_options()
         last = -1.0

@@ -44,6 +44,7 @@ from .face import (
     default_detector,
     sws_options,
 )
+from .media import open_media, video_streams
 from .yuv import FrameRing
 
 __all__ = [
@@ -117,14 +118,6 @@ def _window_start(stream: Any, num_frames: int) -> int | None:
     return int(end - (num_frames + _SEEK_MARGIN_FRAMES) * step)
 
 
-def _is_cover_art(stream: Any) -> bool:
-    """Whether a video stream is an attached picture (an audio file's cover art)."""
-    import av
-
-    flag = getattr(getattr(av.stream, "Disposition", None), "attached_pic", None)
-    return flag is not None and bool(stream.disposition & flag)
-
-
 def _decode(
     path: str,
     num_frames: int,
@@ -153,14 +146,8 @@ def _decode(
     """
     import av
 
-    try:
-        container = av.open(path, mode="r")
-    except av.error.FFmpegError as e:
-        if isinstance(e, OSError):
-            raise
-        raise ValueError(f"cannot read video file {path}: {e}") from e
-    with container:
-        streams = [s for s in container.streams.video if not _is_cover_art(s)]
+    with open_media(path, "video") as container:
+        streams = video_streams(container)
         if not streams:
             raise ValueError(f"{path} has no video stream")
         stream = streams[0]
