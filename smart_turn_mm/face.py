@@ -622,11 +622,11 @@ def crop_frames(
     reformatter = VideoReformatter()  # keeps one scaler context for the whole clip
     options = sws_options()
     resize = {"width": size, "height": size, "interpolation": RESIZE_INTERPOLATION}
-    yuv: dict[str, tuple[Any, list[np.ndarray]]] = {}  # format -> (crop frame, plane views)
     if channels_first:  # a (T, S, S, 3) view of a (3, T, S, S) array: YUV crops fill planes
         out = np.empty((3, len(frames), size, size), dtype=np.uint8).transpose(1, 2, 3, 0)
     else:
         out = np.empty((len(frames), size, size, 3), dtype=np.uint8)
+    yuv: dict[str, list[tuple[int, Any, Sequence[np.ndarray]]]] = {}  # format -> frames
     for t, frame in enumerate(frames):
         if isinstance(frame, av.VideoFrame):
             height, width = frame.height, frame.width
@@ -645,48 +645,59 @@ def crop_frames(
                 continue
             image = av.VideoFrame.from_ndarray(np.ascontiguousarray(crop), format="rgb24")
             out[t] = reformatter.reformat(image, **resize, **options).to_ndarray()
-            continue
-        if isinstance(frame, YUVFrame):
-            name, planes = frame.format, frame.planes
+        elif isinstance(frame, YUVFrame):
+            yuv.setdefault(frame.format, []).append((t, frame.colorspace, frame.planes))
         else:
-            name, planes = frame.format.name, [plane_array(p) for p in frame.planes]
-        if name not in yuv:
-            small = av.VideoFrame(box.side, box.side, name)
-            yuv[name] = small, [plane_array(p) for p in small.planes]
-        small, views = yuv[name]
+            planes = [plane_array(p) for p in frame.planes]
+            yuv.setdefault(frame.format.name, []).append((t, frame.colorspace, planes))
+    for name, group in yuv.items():
+        small = av.VideoFrame(box.side, box.side, name)
+        views = [plane_array(p) for p in small.planes]
         sub = YUV_SUBSAMPLING[name]
-        for i, (plane, view) in enumerate(zip(planes, views, strict=True)):
-            _crop_plane(plane, view, box, *(sub if i else (0, 0)))
-        small.colorspace = frame.colorspace  # the matrix frame.to_ndarray("rgb24") would use
-        # Planar RGB out: swscale then computes chroma for every output pixel (packed rgb24
-        # shares one chroma sample between two pixels unless asked, at twice the cost).
-        image = reformatter.reformat(small, format="gbrp", **resize, **options)
-        for channel, plane in zip((1, 2, 0), image.planes, strict=True):  # G, B, R planes
-            out[t, :, :, channel] = plane_array(plane)
+        # Each plane of every frame of the group cropped at once: (frames, h, w) arrays.
+        crops = [
+            _crop_planes([planes[i] for _, _, planes in group], box, view.shape, *sub_i)
+            for i, (view, sub_i) in enumerate(zip(views, [(0, 0), sub, sub], strict=True))
+        ]
+        for k, (t, colorspace, _) in enumerate(group):
+            for view, crop in zip(views, crops, strict=True):
+                view[...] = crop[k]
+            small.colorspace = colorspace  # the matrix frame.to_ndarray("rgb24") would use
+            # Planar RGB out: swscale then computes chroma for every output pixel (packed
+            # rgb24 shares one chroma sample between two pixels unless asked, at twice the cost).
+            image = reformatter.reformat(small, format="gbrp", **resize, **options)
+            for channel, plane in zip((1, 2, 0), image.planes, strict=True):  # G, B, R planes
+                out[t, :, :, channel] = plane_array(plane)
     if channels_first:
         return out.transpose(3, 0, 1, 2)  # the contiguous (3, T, size, size) array
     return out
 
 
-def _crop_plane(plane: np.ndarray, out: np.ndarray, box: FaceBox, sx: int, sy: int) -> None:
-    """Crop one plane, subsampled ``2**sx`` x ``2**sy`` times, to ``box`` into ``out``.
+def _crop_planes(
+    planes: Sequence[np.ndarray], box: FaceBox, shape: tuple[int, ...], sx: int, sy: int
+) -> np.ndarray:
+    """Crop planes (one per frame), subsampled ``2**sx`` x ``2**sy`` times, to ``box``:
+    a (frames, h, w) uint8 array for ``shape`` = (h, w).
 
     An odd box offset in a subsampled direction falls between two chroma samples: their mean
     (linear interpolation) is taken, so the chroma stays aligned with the luma.
     """
     x0, y0 = box.x0 >> sx, box.y0 >> sy
     dx, dy = box.x0 & sx, box.y0 & sy  # 1: an odd offset in a subsampled direction
-    h, w = out.shape
+    h, w = shape
     if not dx and not dy:
-        out[...] = plane[y0 : y0 + h, x0 : x0 + w]
-        return
-    region = plane[y0 : y0 + h + dy, x0 : x0 + w + dx].astype(np.uint16)
-    if region.shape != (h + dy, w + dx):  # at the frame's right or bottom edge
-        pad = ((0, h + dy - region.shape[0]), (0, w + dx - region.shape[1]))
-        region = np.pad(region, pad, mode="edge")
+        return np.stack([plane[y0 : y0 + h, x0 : x0 + w] for plane in planes])
+    regions = []
+    for plane in planes:
+        region = plane[y0 : y0 + h + dy, x0 : x0 + w + dx]
+        if region.shape != (h + dy, w + dx):  # at the frame's right or bottom edge
+            pad = ((0, h + dy - region.shape[0]), (0, w + dx - region.shape[1]))
+            region = np.pad(region, pad, mode="edge")
+        regions.append(region)
+    stack = np.stack(regions).astype(np.uint16)
     if dx:
-        region = region[:, :-1] + region[:, 1:]
+        stack = stack[:, :, :-1] + stack[:, :, 1:]
     if dy:
-        region = region[:-1] + region[1:]
+        stack = stack[:, :-1] + stack[:, 1:]
     shift = dx + dy
-    out[...] = (region + (1 << shift >> 1)) >> shift
+    return ((stack + (1 << shift >> 1)) >> shift).astype(np.uint8)

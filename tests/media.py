@@ -100,14 +100,20 @@ def write_test_video(
     *,
     gop_size: int | None = None,
     audio: bool = False,
+    slices: int | None = None,
 ) -> None:
-    """Write RGB frames (even sizes) to ``path``; optionally with a 440 Hz AAC track."""
+    """Write RGB frames (even sizes) to ``path``; optionally with a 440 Hz AAC track.
+
+    ``slices``: H.264 slices per frame (default: whatever libx264's sliced threads give)."""
     height, width = frames[0].shape[:2]
     with av.open(os.fspath(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": "18", "preset": "veryfast"}
+            if slices is not None:
+                stream.codec_context.thread_type = "FRAME"  # no sliced threads
+                stream.options = {**stream.options, "x264-params": f"slices={slices}"}
         if gop_size is not None:
             stream.codec_context.gop_size = gop_size
         astream = container.add_stream("aac", rate=16000) if audio else None

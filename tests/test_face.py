@@ -12,6 +12,7 @@ import pytest
 from media import ASTRONAUT_FACE_XYWH, astronaut, face_patch
 
 from smart_turn_mm import face as F
+from smart_turn_mm.yuv import FrameRing
 
 # cv2.FaceDetectorYN (OpenCV 4.14, same model file, 512 x 512 input, threshold 0.6) on
 # skimage.data.astronaut(): [x, y, w, h, 5 landmarks (x, y), score].
@@ -279,6 +280,27 @@ def test_crop_of_other_frame_formats_converts_them_first(pix_fmt):
     np.testing.assert_array_equal(mixed[0], mixed[1])
 
 
+def test_crop_of_mixed_frames_keeps_each_frame_and_its_place():
+    """YUV frames are cropped together per pixel format: every frame must come out as it
+    does alone, in its own place, whatever else the clip holds."""
+    av = pytest.importorskip("av")
+    image = np.ascontiguousarray(astronaut())
+    yuv420 = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+    yuv444 = av.VideoFrame.from_ndarray(image[::-1].copy(), format="rgb24").reformat(
+        format="yuv444p"
+    )
+    kept = FrameRing.acquire(yuv420, 2).keep(yuv420)  # a YUVFrame copy
+    clip = [yuv420, image, yuv444, kept, yuv444]
+    box = _YUV_BOXES[0]
+    together = F.crop_frames(clip, box, 112, channels_first=True)
+    assert together.shape == (3, 5, 112, 112)
+    for t, frame in enumerate(clip):
+        np.testing.assert_array_equal(
+            together[:, t], F.crop_frames([frame], box, 112)[0].transpose(2, 0, 1)
+        )
+    np.testing.assert_array_equal(together[:, 0], together[:, 3])
+
+
 def test_crop_of_a_decoded_frame_checks_the_box():
     av = pytest.importorskip("av")
     frame = av.VideoFrame(320, 240, "yuv420p")
@@ -292,12 +314,14 @@ def test_odd_chroma_offsets_interpolate(x0, y0):
     at an odd luma offset the crop must hold the value half a sample further on."""
     rows, cols = np.mgrid[0:20, 0:20]
     plane = (8 * cols + 4 * rows).astype(np.uint8)
-    out = np.empty((5, 5), np.uint8)
-    F._crop_plane(plane, out, F.FaceBox(x0, y0, x0 + 10, y0 + 10), 1, 1)
+    # Two frames cropped at once: the second is the first plus 1 everywhere.
+    out = F._crop_planes([plane, plane + 1], F.FaceBox(x0, y0, x0 + 10, y0 + 10), (5, 5), 1, 1)
     expected = 8 * (cols[:5, :5] + x0 / 2) + 4 * (rows[:5, :5] + y0 / 2)
-    np.testing.assert_array_equal(out, expected)
+    assert out.shape == (2, 5, 5) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0], expected)
+    np.testing.assert_array_equal(out[1], expected + 1)
     # At the plane's edge, the last sample is repeated.
-    F._crop_plane(plane, out, F.FaceBox(31, 31, 40, 40), 1, 1)
+    out = F._crop_planes([plane], F.FaceBox(31, 31, 40, 40), (5, 5), 1, 1)[0]
     assert out[-1, -1] == plane[-1, -1] and out[0, 0] == 8 * 15.5 + 4 * 15.5
 
 

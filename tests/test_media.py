@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from smart_turn_mm.audio import load_audio
-from smart_turn_mm.media import write_video, write_wav
+from smart_turn_mm.media import open_media, write_video, write_wav
 from smart_turn_mm.video import read_last_frames
 
 
@@ -40,3 +40,27 @@ def test_bad_video_input(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="mono"):
         write_wav(tmp_path / "s.wav", np.zeros((2, 100), np.float32))
+
+
+def test_open_without_decoding_video_in_the_probe(tmp_path):
+    """probe_video_frames=False: the same streams, sizes, rates, durations and MP4 decoding
+    delay, the same decoded frames; only the pixel format waits for the first frame."""
+    frames = [np.full((48, 64, 3), 10 * i, np.uint8) for i in range(24)]
+    path = write_video(tmp_path / "v.mp4", frames, fps=12, audio=np.zeros(16000, np.float32))
+    seen = []
+    for probe in (True, False):
+        with open_media(path, probe_video_frames=probe) as container:
+            video, audio = container.streams.video[0], container.streams.audio[0]
+            codec = video.codec_context
+            assert (video.format is None) == (not probe)  # until a frame is decoded
+            seen.append(
+                (
+                    (codec.width, codec.height, video.average_rate, video.duration),
+                    (audio.rate, audio.channels, container.duration, codec.reorder_depth),
+                    [f.to_ndarray() for f in container.decode(video)],
+                )
+            )
+    assert seen[0][:2] == seen[1][:2]
+    assert len(seen[0][2]) == len(seen[1][2]) == 24
+    for a, b in zip(seen[0][2], seen[1][2], strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -81,6 +82,62 @@ def test_fast_tail_equals_a_full_decode(clips, name):
             np.testing.assert_array_equal(
                 a.to_ndarray(format="rgb24"), b.to_ndarray(format="rgb24")
             )
+
+
+def _pyav_frames(path: Path) -> list[tuple[int, np.ndarray]]:
+    """Every frame as PyAV decodes it with its own defaults: (pts, YUV planes)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [(f.pts, f.to_ndarray()) for f in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3])
+def test_tail_decoding_threads_follow_the_slices(tmp_path, slices):
+    import av
+
+    path = tmp_path / f"slices{slices}.mp4"
+    write_test_video(path, face_frames(90, 96, 128, face=False), slices=slices)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = list(container.demux(stream))
+        packet = packets[0]
+        assert V._h264_slices(packet, stream.codec_context.extradata) == slices
+        V._set_threads(stream.codec_context, packet)
+        threads = min(slices, os.cpu_count() or 1)
+        assert stream.codec_context.thread_count == threads
+        assert stream.codec_context.thread_type.name == ("SLICE" if threads > 1 else "NONE")
+        decoded = [f for p in packets for f in stream.codec_context.decode(p)]
+        assert len(decoded) == 90  # the codec opened with these threads
+    # Whatever the threads, the tail is what PyAV's own full decode gives, pixel for pixel.
+    tail = V._decode(str(path), V.NUM_FRAMES, fast=True)
+    full = _pyav_frames(path)[-V.NUM_FRAMES :]
+    assert [f.pts for f in tail.frames] == [pts for pts, _ in full]
+    for frame, (_, pixels) in zip(tail.frames, full, strict=True):
+        np.testing.assert_array_equal(frame.to_ndarray(), pixels)
+
+
+def test_h264_slices_in_annex_b():
+    aud, sps, idr, non_idr, sei = b"\x09\xf0", b"\x67\x42", b"\x65\x88", b"\x41\x9a", b"\x06\x05"
+    unit = b"".join(b"\x00\x00\x00\x01" + n for n in (aud, sps, sei, idr, idr))
+    assert V._h264_slices(unit, None) == 2
+    assert V._h264_slices(b"\x00\x00\x01" + non_idr + b"\x00\x00\x01" + aud, b"") == 1
+
+
+def test_probe_skipped_only_for_mp4(clips, tmp_path):
+    import av
+
+    mkv = tmp_path / "long.mkv"
+    with av.open(str(clips["long"])) as src, av.open(str(mkv), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+    assert V._is_iso_media(str(clips["long"])) and not V._is_iso_media(str(mkv))
+    assert not V._is_iso_media(str(tmp_path / "missing.mp4"))
+    frames, _ = V.read_last_frames(mkv)
+    assert [read_index(f) for f in frames] == list(range(300 - V.NUM_FRAMES, 300))
 
 
 def test_a_wrong_duration_falls_back_to_a_full_decode(clips, monkeypatch):
