@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from smart_turn_mm.locations import atomic_path, cache_dir, sha256_file
-from smart_turn_mm.yuv import YUV_SUBSAMPLING, YUVFrame, plane_array
+from smart_turn_mm.yuv import YUV_SUBSAMPLING, plane_array
 
 __all__ = [
     "FACE_MARGIN",
@@ -597,9 +597,8 @@ def crop_frames(
     """Crop every frame to ``box`` and resize to ``size`` x ``size``: THE face crop.
 
     Args:
-        frames: T frames, each containing ``box``: (H, W, 3) uint8 RGB arrays, decoded
-            ``av.VideoFrame`` objects or :class:`~smart_turn_mm.yuv.YUVFrame` copies of them
-            (mixing them is allowed).
+        frames: T frames, each containing ``box``: (H, W, 3) uint8 RGB arrays or decoded
+            ``av.VideoFrame`` objects (mixing them is allowed).
         box: the crop box (from :func:`clip_face_box` or :func:`center_box`).
         size: output side in pixels.
         channels_first: return (3, T, size, size), the model's layout, instead.
@@ -632,8 +631,6 @@ def crop_frames(
             height, width = frame.height, frame.width
             if frame.format.name not in YUV_SUBSAMPLING:  # another format: RGB first
                 frame = frame.to_ndarray(format="rgb24", **options)
-        elif isinstance(frame, YUVFrame):
-            height, width = frame.height, frame.width
         else:
             height, width = frame.shape[:2]
         if box.y1 > height or box.x1 > width:
@@ -645,8 +642,6 @@ def crop_frames(
                 continue
             image = av.VideoFrame.from_ndarray(np.ascontiguousarray(crop), format="rgb24")
             out[t] = reformatter.reformat(image, **resize, **options).to_ndarray()
-        elif isinstance(frame, YUVFrame):
-            yuv.setdefault(frame.format, []).append((t, frame.colorspace, frame.planes))
         else:
             planes = [plane_array(p) for p in frame.planes]
             yuv.setdefault(frame.format.name, []).append((t, frame.colorspace, planes))

@@ -11,9 +11,9 @@ Pipeline, the same for training and inference:
 5. :func:`normalize_clip`: [0, 1], Kinetics-400 mean/std, (C, T, H, W) layout.
 
 From a file, :func:`prepare_video` never converts a whole decoded frame to RGB for the crop:
-the decoded YUV frames are copied into reused buffers (:class:`~smart_turn_mm.yuv.FrameRing`,
-so FFmpeg recycles its own) and go to :func:`~smart_turn_mm.face.crop_frames`, which crops
-first and converts the crop while resizing; only the three frames the face detector looks at
+the decoded YUV frames (from a decoder kept from the last call, :mod:`smart_turn_mm.decoders`,
+so FFmpeg recycles its frame buffers) go to :func:`~smart_turn_mm.face.crop_frames`, which
+crops first and converts the crop while resizing; only the three frames the face detector looks at
 are converted, two of them on a worker thread while the decoder goes on. The tensor is within
 about 1.5 grey levels on average of cropping :func:`read_last_frames`' RGB frames (the
 same face box; see :func:`~smart_turn_mm.face.crop_frames` for why they differ).
@@ -27,12 +27,14 @@ import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
+from .decoders import decoder
 from .face import (
     FaceBox,
     FaceDetector,
@@ -45,7 +47,6 @@ from .face import (
     sws_options,
 )
 from .media import open_media, video_streams
-from .yuv import FrameRing
 
 __all__ = [
     "FRAME_SIZE",
@@ -81,17 +82,10 @@ _SEEK_MARGIN_FRAMES = 16
 
 @dataclass
 class _Tail:
-    frames: list[Any]  # av.VideoFrame or YUVFrame, the last ones in presentation order
+    frames: list[Any]  # av.VideoFrame, the last ones in presentation order
     fps: float | None
     num_decoded: int  # frames the decoder output (skipped frames are not counted)
     seeked: bool  # whether the fast path (seek near the end) gave the result
-    ring: FrameRing | None = None  # holds the YUVFrames' pixels; release() after use
-
-    def release(self) -> None:
-        """Hand the frame buffers to the next decode: the frames are invalid afterwards."""
-        if self.ring is not None:
-            self.ring.release()
-            self.ring = None
 
 
 def _timing(stream: Any) -> tuple[int, int, Fraction] | None:
@@ -146,7 +140,7 @@ def _h264_slices(packet: Any, extradata: bytes | None) -> int:
     return sum(1 for unit in data.split(b"\x00\x00\x01")[1:] if unit and unit[0] & 0x1F in (1, 5))
 
 
-def _set_threads(codec: Any, first_packet: Any) -> None:
+def _threads(codec: Any, first_packet: Any) -> int:
     """Decoding threads for the tail: one per slice of an H.264 stream whose frames have
     several (x264 with sliced threads, as PyAV's encoder runs it by default, or a WebRTC
     encoder), up to the core count; otherwise one.
@@ -156,11 +150,9 @@ def _set_threads(codec: Any, first_packet: Any) -> None:
     has nothing to share out, and FFmpeg's frame threads gain nothing on these short tails
     (42 ms, and 59 ms of CPU against 43). The face detector runs beside the decoder.
     """
-    threads = 1
-    if codec.name == "h264":
-        threads = min(_h264_slices(first_packet, codec.extradata), os.cpu_count() or 1)
-    codec.thread_type = "SLICE" if threads > 1 else "NONE"
-    codec.thread_count = max(threads, 1)
+    if codec.name != "h264":
+        return 1
+    return max(1, min(_h264_slices(first_packet, codec.extradata), os.cpu_count() or 1))
 
 
 def _decode(
@@ -169,7 +161,6 @@ def _decode(
     fast: bool,
     watcher: Any = None,
     exact_start: bool = True,
-    copy: bool = False,
 ) -> _Tail:
     """Decode ``path`` keeping its last ``num_frames`` frames.
 
@@ -185,9 +176,8 @@ def _decode(
     ``watcher``: gets ``watcher.start(stream, num_frames)`` once the file is open and
     ``watcher.frame(frame)`` for every decoded frame, in presentation order.
 
-    ``copy``: keep planar 8-bit YUV frames as :class:`~smart_turn_mm.yuv.YUVFrame` copies in
-    a reused :class:`~smart_turn_mm.yuv.FrameRing` (call ``release()`` on the result when
-    done), so that FFmpeg recycles its frame buffers (see :mod:`smart_turn_mm.yuv`).
+    The decoder comes from :func:`smart_turn_mm.decoders.decoder` (kept from an earlier call
+    with the same stream parameters, so that FFmpeg recycles its frame buffers).
     """
     import av
 
@@ -208,19 +198,21 @@ def _decode(
                 seeked = True
             except av.error.FFmpegError:
                 threshold = None  # not seekable: decode from the start, no skipping
-        codec = stream.codec_context
         if watcher is not None:
             watcher.start(stream, num_frames)
         tail: deque[Any] = deque(maxlen=num_frames)
-        ring: FrameRing | None = None
         held: list[Any] = []  # packets from the estimated window start on (exact_start)
         num_decoded = 0
         first_pts = None
+        codec: Any = None
+        keep = ExitStack()  # holds the decoder: it is kept for the next call on success
 
         def decode(packet: Any, skip_before: int | None) -> None:
-            nonlocal num_decoded, first_pts, ring
-            if not codec.is_open:  # the first packet (a keyframe): threads are set before
-                _set_threads(codec, packet)
+            nonlocal num_decoded, first_pts, codec
+            if codec is None:  # the first packet (a keyframe) tells how many threads
+                stream_codec = stream.codec_context
+                threads = _threads(stream_codec, packet)
+                codec = keep.enter_context(decoder(stream_codec, threads))
             if skip_before is not None:
                 before = packet.pts is not None and packet.pts < skip_before
                 codec.skip_frame = "NONREF" if before else "DEFAULT"
@@ -232,27 +224,24 @@ def _decode(
                     watcher.frame(frame)
                 if skip_before is not None and frame.pts is not None and frame.pts < skip_before:
                     continue  # before the window: never among the last frames of an exact tail
-                if copy and ring is None:
-                    ring = FrameRing.acquire(frame, num_frames + 1)
-                tail.append(frame if ring is None else ring.keep(frame))
+                tail.append(frame)
 
         hold = exact_start and threshold is not None
         wide = threshold
         try:
-            for packet in container.demux(stream):
-                if held or (hold and (packet.pts is None or packet.pts >= threshold)):
-                    held.append(packet)  # and all the packets after it, in decoding order
-                else:
-                    decode(packet, threshold)
-            if held:
-                stamps = sorted((p.pts for p in held if p.pts is not None), reverse=True)
-                if len(stamps) >= num_frames:
-                    threshold = max(threshold, stamps[num_frames - 1])
-                for packet in held:
-                    decode(packet, threshold)
+            with keep:
+                for packet in container.demux(stream):
+                    if held or (hold and (packet.pts is None or packet.pts >= threshold)):
+                        held.append(packet)  # and all the packets after it, in decoding order
+                    else:
+                        decode(packet, threshold)
+                if held:
+                    stamps = sorted((p.pts for p in held if p.pts is not None), reverse=True)
+                    if len(stamps) >= num_frames:
+                        threshold = max(threshold, stamps[num_frames - 1])
+                    for packet in held:
+                        decode(packet, threshold)
         except av.error.FFmpegError as e:
-            if ring is not None:
-                ring.release()
             raise ValueError(f"cannot decode video file {path}: {e}") from e
     if threshold is not None:
         # The tail is exact when decoding started at or before the window and every kept
@@ -265,25 +254,20 @@ def _decode(
         )
         if not exact:
             tail.clear()
-            if ring is not None:
-                ring.release()
             if threshold != wide:  # the exact start was wrong: try the margin alone
-                return _decode(path, num_frames, True, watcher, exact_start=False, copy=copy)
-            return _decode(path, num_frames, False, watcher, copy=copy)
-    return _Tail(list(tail), fps, num_decoded, seeked, ring)
+                return _decode(path, num_frames, True, watcher, exact_start=False)
+            return _decode(path, num_frames, False, watcher)
+    return _Tail(list(tail), fps, num_decoded, seeked)
 
 
-def _decode_tail(
-    path: str | os.PathLike[str], num_frames: int, watcher: Any = None, copy: bool = False
-) -> _Tail:
+def _decode_tail(path: str | os.PathLike[str], num_frames: int, watcher: Any = None) -> _Tail:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"video file not found: {path}")
-    tail = _decode(path, num_frames, fast=True, watcher=watcher, copy=copy)
+    tail = _decode(path, num_frames, fast=True, watcher=watcher)
     if not tail.frames:
-        tail.release()
         raise ValueError(f"no decodable video frames in {path}")
     return tail
 
@@ -537,17 +521,14 @@ def prepare_video(
         # Decoded frames stay in YUV: the detector converts the 3 it looks at (two of them
         # on a worker thread while decoding goes on), crop_frames crops before converting.
         with _EarlyDetection(detector) as early:
-            tail = _decode_tail(source, num_frames, early if face_crop else None, copy=True)
-            try:
-                frames, fps = tail.frames, tail.fps
-                height, width = frames[0].height, frames[0].width
-                if face_crop:
-                    box, found = clip_box_from_faces(early.faces(frames), height, width)
-                else:
-                    box, found = center_box(height, width), False
-                crops = crop_frames(pad_frames(frames, num_frames), box, size, channels_first=True)
-            finally:
-                tail.release()
+            tail = _decode_tail(source, num_frames, early if face_crop else None)
+            frames, fps = tail.frames, tail.fps
+            height, width = frames[0].height, frames[0].width
+            if face_crop:
+                box, found = clip_box_from_faces(early.faces(frames), height, width)
+            else:
+                box, found = center_box(height, width), False
+            crops = crop_frames(pad_frames(frames, num_frames), box, size, channels_first=True)
     else:
         frames, fps = _as_frames(source)[-num_frames:], None
         height, width = frames[0].shape[:2]

@@ -12,7 +12,6 @@ import pytest
 from media import ASTRONAUT_FACE_XYWH, astronaut, face_patch
 
 from smart_turn_mm import face as F
-from smart_turn_mm.yuv import FrameRing
 
 # cv2.FaceDetectorYN (OpenCV 4.14, same model file, 512 x 512 input, threshold 0.6) on
 # skimage.data.astronaut(): [x, y, w, h, 5 landmarks (x, y), score].
@@ -289,8 +288,7 @@ def test_crop_of_mixed_frames_keeps_each_frame_and_its_place():
     yuv444 = av.VideoFrame.from_ndarray(image[::-1].copy(), format="rgb24").reformat(
         format="yuv444p"
     )
-    kept = FrameRing.acquire(yuv420, 2).keep(yuv420)  # a YUVFrame copy
-    clip = [yuv420, image, yuv444, kept, yuv444]
+    clip = [yuv420, image, yuv444, yuv420, yuv444]
     box = _YUV_BOXES[0]
     together = F.crop_frames(clip, box, 112, channels_first=True)
     assert together.shape == (3, 5, 112, 112)

@@ -14,6 +14,7 @@ from media import face_frames, read_index, write_audio_only, write_test_video
 
 from smart_turn_mm import face as F
 from smart_turn_mm import video as V
+from smart_turn_mm.decoders import decoder
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +104,12 @@ def test_tail_decoding_threads_follow_the_slices(tmp_path, slices):
         packets = list(container.demux(stream))
         packet = packets[0]
         assert V._h264_slices(packet, stream.codec_context.extradata) == slices
-        V._set_threads(stream.codec_context, packet)
-        threads = min(slices, os.cpu_count() or 1)
-        assert stream.codec_context.thread_count == threads
-        assert stream.codec_context.thread_type.name == ("SLICE" if threads > 1 else "NONE")
-        decoded = [f for p in packets for f in stream.codec_context.decode(p)]
+        threads = V._threads(stream.codec_context, packet)
+        assert threads == min(slices, os.cpu_count() or 1)
+        with decoder(stream.codec_context, threads) as codec:
+            assert codec.thread_count == threads
+            assert codec.thread_type.name == ("SLICE" if threads > 1 else "NONE")
+            decoded = [f for p in packets for f in codec.decode(p)]
         assert len(decoded) == 90  # the codec opened with these threads
     # Whatever the threads, the tail is what PyAV's own full decode gives, pixel for pixel.
     tail = V._decode(str(path), V.NUM_FRAMES, fast=True)
