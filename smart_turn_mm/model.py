@@ -14,12 +14,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["R3D18", "ModelConfig", "SmartTurnMultimodal"]
+__all__ = ["R3D18", "ModelConfig", "SmartTurnMultimodal", "config_from_dict"]
+
+
+_Config = TypeVar("_Config")
+
+
+def config_from_dict(cls: type[_Config], data: dict[str, Any]) -> _Config:
+    """A config dataclass from its ``to_dict`` (JSON) form: an unknown field is an error that
+    names the known ones; a list (or null) becomes a tuple where the field is a tuple."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(fields)}")
+    values = {
+        name: tuple(value or ())
+        if str(fields[name].type).startswith("tuple") and (value is None or isinstance(value, list))
+        else value
+        for name, value in data.items()
+    }
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -83,14 +102,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
-        values = dict(data)
-        if "video_widths" in values:
-            values["video_widths"] = tuple(values["video_widths"])
-        return cls(**values)
+        return config_from_dict(cls, data)
 
     @property
     def video_shape(self) -> tuple[int, int, int, int]:

@@ -62,7 +62,7 @@ from smart_turn_mm.evaluate import (
     write_report,
 )
 from smart_turn_mm.mixing import check_disjoint, drop_unlabelled, mix_training_set, split_by_group
-from smart_turn_mm.model import ModelConfig, SmartTurnMultimodal
+from smart_turn_mm.model import ModelConfig, SmartTurnMultimodal, config_from_dict
 from smart_turn_mm.runlog import RunLog
 
 __all__ = [
@@ -278,14 +278,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}")
-        values = dict(data)
-        if "audio_datasets" in values:
-            values["audio_datasets"] = tuple(values["audio_datasets"] or ())
-        return cls(**values)
+        return config_from_dict(cls, data)
 
 
 @dataclass(frozen=True)
