@@ -616,11 +616,13 @@ def crop_frames(
     source: the full-frame conversion repeats each chroma sample (nearest neighbour).
     """
     import av
-    from av.video.reformatter import VideoReformatter
+    from av.video.format import VideoFormat
+    from av.video.reformatter import Interpolation, VideoReformatter
 
     reformatter = VideoReformatter()  # keeps one scaler context for the whole clip
     options = sws_options()
-    resize = {"width": size, "height": size, "interpolation": RESIZE_INTERPOLATION}
+    interpolation = Interpolation[RESIZE_INTERPOLATION]
+    resize = {"width": size, "height": size, "interpolation": interpolation, **options}
     if channels_first:  # a (T, S, S, 3) view of a (3, T, S, S) array: YUV crops fill planes
         out = np.empty((3, len(frames), size, size), dtype=np.uint8).transpose(1, 2, 3, 0)
     else:
@@ -641,28 +643,34 @@ def crop_frames(
                 out[t] = crop
                 continue
             image = av.VideoFrame.from_ndarray(np.ascontiguousarray(crop), format="rgb24")
-            out[t] = reformatter.reformat(image, **resize, **options).to_ndarray()
+            out[t] = reformatter.reformat(image, **resize).to_ndarray()
         else:
             planes = [plane_array(p) for p in frame.planes]
             yuv.setdefault(frame.format.name, []).append((t, frame.colorspace, planes))
+    # Planar RGB out: swscale then computes chroma for every output pixel (packed rgb24
+    # shares one chroma sample between two pixels unless asked, at twice the cost).
+    gbrp = VideoFormat("gbrp")
     for name, group in yuv.items():
         small = av.VideoFrame(box.side, box.side, name)
-        views = [plane_array(p) for p in small.planes]
+        view_y, view_u, view_v = (plane_array(p) for p in small.planes)
         sub = YUV_SUBSAMPLING[name]
         # Each plane of every frame of the group cropped at once: (frames, h, w) arrays.
-        crops = [
+        crop_y, crop_u, crop_v = (
             _crop_planes([planes[i] for _, _, planes in group], box, view.shape, *sub_i)
-            for i, (view, sub_i) in enumerate(zip(views, [(0, 0), sub, sub], strict=True))
-        ]
+            for i, (view, sub_i) in enumerate(
+                zip((view_y, view_u, view_v), [(0, 0), sub, sub], strict=True)
+            )
+        )
         for k, (t, colorspace, _) in enumerate(group):
-            for view, crop in zip(views, crops, strict=True):
-                view[...] = crop[k]
+            view_y[...], view_u[...], view_v[...] = crop_y[k], crop_u[k], crop_v[k]
             small.colorspace = colorspace  # the matrix frame.to_ndarray("rgb24") would use
-            # Planar RGB out: swscale then computes chroma for every output pixel (packed
-            # rgb24 shares one chroma sample between two pixels unless asked, at twice the cost).
-            image = reformatter.reformat(small, format="gbrp", **resize, **options)
-            for channel, plane in zip((1, 2, 0), image.planes, strict=True):  # G, B, R planes
-                out[t, :, :, channel] = plane_array(plane)
+            green, blue, red = reformatter.reformat(small, format=gbrp, **resize).planes
+            rgb = out[t]
+            rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2] = (
+                plane_array(red),
+                plane_array(green),
+                plane_array(blue),
+            )
     if channels_first:
         return out.transpose(3, 0, 1, 2)  # the contiguous (3, T, size, size) array
     return out

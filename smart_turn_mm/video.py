@@ -148,7 +148,8 @@ def _threads(codec: Any, first_packet: Any) -> int:
     Measured on 2 cores (the tail of the benchmark clip, 2 slices a frame, P50 of 80): 34 ms
     with two slice threads against 43 ms with one. A single-slice stream (x264's own default)
     has nothing to share out, and FFmpeg's frame threads gain nothing on these short tails
-    (42 ms, and 59 ms of CPU against 43). The face detector runs beside the decoder.
+    (42 ms, and 59 ms of CPU against 43). With the face detector running beside the decoder
+    (:func:`prepare_video`), one thread is faster: see :func:`_decode`'s ``threads``.
     """
     if codec.name != "h264":
         return 1
@@ -161,6 +162,7 @@ def _decode(
     fast: bool,
     watcher: Any = None,
     exact_start: bool = True,
+    threads: int | None = None,
 ) -> _Tail:
     """Decode ``path`` keeping its last ``num_frames`` frames.
 
@@ -175,6 +177,12 @@ def _decode(
 
     ``watcher``: gets ``watcher.start(stream, num_frames)`` once the file is open and
     ``watcher.frame(frame)`` for every decoded frame, in presentation order.
+
+    ``threads``: decoding threads; ``None``: :func:`_threads` (slice threads for multi-slice
+    H.264). Slice threads need both cores for every frame, so work on another thread (the
+    face detector of :func:`prepare_video`) stalls them: with the detector beside it, the
+    benchmark clip's tail was decoded faster with one thread (paired runs of
+    :func:`prepare_video`, medians 3 to 11 ms lower in four runs of 56 pairs).
 
     The decoder comes from :func:`smart_turn_mm.decoders.decoder` (kept from an earlier call
     with the same stream parameters, so that FFmpeg recycles its frame buffers).
@@ -211,8 +219,8 @@ def _decode(
             nonlocal num_decoded, first_pts, codec
             if codec is None:  # the first packet (a keyframe) tells how many threads
                 stream_codec = stream.codec_context
-                threads = _threads(stream_codec, packet)
-                codec = keep.enter_context(decoder(stream_codec, threads))
+                count = _threads(stream_codec, packet) if threads is None else threads
+                codec = keep.enter_context(decoder(stream_codec, count))
             if skip_before is not None:
                 before = packet.pts is not None and packet.pts < skip_before
                 codec.skip_frame = "NONREF" if before else "DEFAULT"
@@ -255,18 +263,20 @@ def _decode(
         if not exact:
             tail.clear()
             if threshold != wide:  # the exact start was wrong: try the margin alone
-                return _decode(path, num_frames, True, watcher, exact_start=False)
-            return _decode(path, num_frames, False, watcher)
+                return _decode(path, num_frames, True, watcher, False, threads)
+            return _decode(path, num_frames, False, watcher, threads=threads)
     return _Tail(list(tail), fps, num_decoded, seeked)
 
 
-def _decode_tail(path: str | os.PathLike[str], num_frames: int, watcher: Any = None) -> _Tail:
+def _decode_tail(
+    path: str | os.PathLike[str], num_frames: int, watcher: Any = None, threads: int | None = None
+) -> _Tail:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"video file not found: {path}")
-    tail = _decode(path, num_frames, fast=True, watcher=watcher)
+    tail = _decode(path, num_frames, fast=True, watcher=watcher, threads=threads)
     if not tail.frames:
         raise ValueError(f"no decodable video frames in {path}")
     return tail
@@ -521,7 +531,10 @@ def prepare_video(
         # Decoded frames stay in YUV: the detector converts the 3 it looks at (two of them
         # on a worker thread while decoding goes on), crop_frames crops before converting.
         with _EarlyDetection(detector) as early:
-            tail = _decode_tail(source, num_frames, early if face_crop else None)
+            if face_crop:  # the detector's worker beside the decoder: one decoding thread
+                tail = _decode_tail(source, num_frames, early, threads=1)
+            else:
+                tail = _decode_tail(source, num_frames)
             frames, fps = tail.frames, tail.fps
             height, width = frames[0].height, frames[0].width
             if face_crop:

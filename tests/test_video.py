@@ -119,6 +119,28 @@ def test_tail_decoding_threads_follow_the_slices(tmp_path, slices):
         np.testing.assert_array_equal(frame.to_ndarray(), pixels)
 
 
+def test_face_cropping_decodes_with_one_thread_beside_the_detector(tmp_path, monkeypatch):
+    """prepare_video detects faces on a worker thread while decoding: its decoder gets one
+    thread even for a multi-slice stream; without face detection it gets slice threads."""
+    from smart_turn_mm import decoders
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    path = tmp_path / "slices2.mp4"
+    write_test_video(path, face_frames(60, 96, 128, face=False), slices=2)
+    used = []
+    real = decoders.decoder
+
+    def spy(codec, threads=1):
+        used.append(threads)
+        return real(codec, threads)
+
+    monkeypatch.setattr(V, "decoder", spy)
+    with_face = V.prepare_video(path).pixel_values
+    without = V.prepare_video(path, face_crop=False).pixel_values
+    assert used == [1, 2]
+    assert with_face.shape == without.shape == (3, V.NUM_FRAMES, V.FRAME_SIZE, V.FRAME_SIZE)
+
+
 def test_h264_slices_in_annex_b():
     aud, sps, idr, non_idr, sei = b"\x09\xf0", b"\x67\x42", b"\x65\x88", b"\x41\x9a", b"\x06\x05"
     unit = b"".join(b"\x00\x00\x00\x01" + n for n in (aud, sps, sei, idr, idr))
