@@ -263,7 +263,7 @@ def _decode(
         if not exact:
             tail.clear()
             if threshold != wide:  # the exact start was wrong: try the margin alone
-                return _decode(path, num_frames, True, watcher, False, threads)
+                return _decode(path, num_frames, True, watcher, exact_start=False, threads=threads)
             return _decode(path, num_frames, False, watcher, threads=threads)
     return _Tail(list(tail), fps, num_decoded, seeked)
 
