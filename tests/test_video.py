@@ -263,6 +263,7 @@ class _RecordingDetector:
     def __init__(self) -> None:
         self.detector = F.default_detector()
         self.calls: list[tuple[int, str]] = []
+        self.threads: list[threading.Thread] = []
         self.busy = False
         self.overlapped = False
 
@@ -271,6 +272,7 @@ class _RecordingDetector:
         self.busy = True
         try:
             self.calls.append((read_index(rgb), threading.current_thread().name))
+            self.threads.append(threading.current_thread())
             return self.detector.detect(rgb)
         finally:
             self.busy = False
@@ -290,6 +292,50 @@ def test_file_detection_runs_while_decoding(clips):
     assert not recorder.overlapped
     frames, _ = V.read_last_frames(clips["short3s"])
     assert clip.box == F.clip_face_box(frames)[0]
+
+
+def test_the_detection_worker_is_kept_per_calling_thread(clips):
+    """One worker thread per calling thread, kept between clips; it ends with the caller."""
+
+    def workers(recorder: _RecordingDetector) -> set[threading.Thread]:
+        return {t for t in recorder.threads if t.name.startswith("smart_turn_mm-face")}
+
+    first, second = _RecordingDetector(), _RecordingDetector()
+    V.prepare_video(clips["short3s"], detector=first)  # type: ignore[arg-type]
+    V.prepare_video(clips["short3s"], detector=second)  # type: ignore[arg-type]
+    (ours,) = workers(first)
+    assert workers(second) == {ours}  # the same thread, kept
+
+    other = _RecordingDetector()
+    caller = threading.Thread(
+        target=V.prepare_video, args=(clips["short3s"],), kwargs={"detector": other}
+    )
+    caller.start()
+    caller.join()
+    (theirs,) = workers(other)
+    assert theirs is not ours  # the other caller's own worker
+    theirs.join(timeout=10)  # ends once its caller has gone
+    assert not theirs.is_alive()
+    assert ours.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_the_detection_worker_is_replaced_in_a_forked_child(clips):
+    V.prepare_video(clips["short3s"])  # this thread's worker exists before the fork
+    code = (
+        "import os, sys\n"
+        "from smart_turn_mm import video as V\n"
+        f"V.prepare_video({str(clips['short3s'])!r})\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        f"    clip = V.prepare_video({str(clips['short3s'])!r})\n"
+        "    os._exit(0 if clip.face_found else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.waitstatus_to_exitcode(status))\n"
+    )
+    # A child that reused the parent's (dead) worker would wait for it forever.
+    done = subprocess.run([sys.executable, "-c", code], timeout=120)
+    assert done.returncode == 0
 
 
 def test_file_detection_after_a_fallback_decode(clips, monkeypatch):
