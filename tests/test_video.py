@@ -321,7 +321,7 @@ def test_the_detection_worker_is_kept_per_calling_thread(clips):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_the_detection_worker_is_replaced_in_a_forked_child(clips):
-    V.prepare_video(clips["short3s"])  # this thread's worker exists before the fork
+    # The child process makes its worker (a clip decoded) before it forks.
     code = (
         "import os, sys\n"
         "from smart_turn_mm import video as V\n"
