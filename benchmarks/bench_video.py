@@ -1,11 +1,14 @@
 """Time the video front end against the published method, side by side.
 
-    python benchmarks/bench_video.py --runs 20 [--json results.json]
+    python benchmarks/bench_video.py --runs 20 [--gop 30] [--json results.json]
 
 The clip is made here: 3 s, 30 fps, 640 x 480 H.264 from libx264 with its default settings
 (preset medium, crf 23: B-frames, one keyframe) and AAC audio, the astronaut's face
-(scikit-image) drifting over a moving background. Cases, each from the file path to the
-float32 (3, 32, 112, 112) tensor:
+(scikit-image) drifting over a moving background. ``--gop N`` puts a keyframe every N frames
+instead (phone cameras put one about every second): ours decodes from the keyframe before
+the last 32 frames, so its decode shrinks with the keyframe interval, while the published
+method decodes every frame whatever it is. Cases, each from the file path to the float32
+(3, 32, 112, 112) tensor:
 
 * published method, as its ``inference_multimodal.py`` runs it (the baseline of the ratios):
   decode every frame with PyAV, convert each to a PIL image, resize the whole frame with
@@ -78,18 +81,27 @@ def published_method(path: Path, box: F.FaceBox | None = None) -> np.ndarray:
     return published_video(path, crop, V.NUM_FRAMES, V.FRAME_SIZE)[0]
 
 
-def write_clip(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
-    """H.264 with libx264's default settings (no options set) + a 440 Hz AAC track."""
+def write_clip(
+    path: Path, frames: list[np.ndarray], fps: int = 30, gop_size: int | None = None
+) -> None:
+    """H.264 with libx264's default settings (no options set; ``gop_size``: a keyframe every
+    that many frames instead of libx264's 250) + a 440 Hz AAC track."""
     t = np.arange(int(len(frames) / fps * 16000)) / 16000
-    write_video(path, frames, fps, audio=0.2 * np.sin(2 * np.pi * 440 * t), crf=None, preset=None)
+    audio = 0.2 * np.sin(2 * np.pi * 440 * t)
+    write_video(path, frames, fps, audio=audio, crf=None, preset=None, gop_size=gop_size)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="timed runs per case (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    parser.add_argument(
+        "--gop", type=int, help="a keyframe every GOP frames (default: libx264's own, 250)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.gop is not None and args.gop < 1:
+        parser.error(f"--gop must be at least 1, got {args.gop}")
 
     sys.path.insert(0, str(TESTS_DIR))
     from media import face_frames
@@ -98,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "clip_640x480_3s.mp4"
         frames = face_frames(90, 480, 640, scale=1.0)
-        write_clip(path, frames, fps=30)
+        write_clip(path, frames, fps=30, gop_size=args.gop)
         detector = F.default_detector()
         detector.detect(frames[0])  # create the ONNX Runtime session
 
         clip = V.prepare_video(path)
-        decoded = V._decode_tail(path, V.NUM_FRAMES).frames  # av.VideoFrame (YUV)
+        tail = V._decode_tail(path, V.NUM_FRAMES)
+        decoded, decoded_count = tail.frames, tail.num_decoded  # av.VideoFrame (YUV)
         height, width = decoded[0].height, decoded[0].width
         rgb, _ = V.read_last_frames(path)
         rgb_path = V.prepare_video(rgb)
@@ -155,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: _summary(t) for name, t in times.items()}
     published = results["published: decode all, PIL resize each"]
     cpu = platform.processor() or platform.machine()
+    keyframes = "libx264 defaults" if args.gop is None else f"libx264 defaults, GOP {args.gop}"
     print(
         f"{args.runs} runs, {cpu}, {os.cpu_count()} cores, load average {load_before[0]:.1f} "
-        f"before, {load_after[0]:.1f} after; 3 s 640x480 30 fps H.264 (libx264 defaults) + "
-        f"AAC; face found: {clip.face_found}, box {clip.box}"
+        f"before, {load_after[0]:.1f} after; 3 s 640x480 30 fps H.264 ({keyframes}) + "
+        f"AAC; ours decodes {decoded_count} frames; face found: {clip.face_found}, box {clip.box}"
     )
     for name, what in (
         ("published", "ours vs published-with-box tensors (different resize filters)"),
@@ -185,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {
             "runs": args.runs,
+            "gop": args.gop,
+            "frames_decoded_by_ours": decoded_count,
             "cores": os.cpu_count(),
             "load_average": [load_before[0], load_after[0]],
             "face_found": clip.face_found,

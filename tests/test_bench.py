@@ -49,3 +49,29 @@ def test_published_video_baseline_squashes_the_whole_frame(tmp_path):
     cropped = published_video(path, (64, 0, 128, 64), num_frames=16, size=32)
     cropped = cropped[0, :, :10] * np.asarray(KINETICS_STD)[:, None, None, None]
     assert (cropped + np.asarray(KINETICS_MEAN)[:, None, None, None]).min() > 0.95
+
+
+def test_video_benchmark_script_runs_and_decodes_less_with_more_keyframes(tmp_path, capsys):
+    # benchmarks/bench_video.py end to end (1 run): with a keyframe every 30 frames, ours
+    # decodes from the keyframe before the last 32 frames instead of from the first frame.
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_video.py"
+    spec = importlib.util.spec_from_file_location("bench_video", script)
+    bench_video = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_video)
+    decoded = {}
+    for gop in (None, 30):
+        out = tmp_path / f"gop-{gop}.json"
+        argv = ["--runs", "1", "--warmup", "0", "--json", str(out)]
+        assert bench_video.main(argv + ([] if gop is None else ["--gop", str(gop)])) == 0
+        payload = json.loads(out.read_text())
+        assert payload["gop"] == gop and payload["face_found"] is True
+        assert "ours: prepare_video(path)" in payload["results"]
+        decoded[gop] = payload["frames_decoded_by_ours"]
+    assert "GOP 30" in capsys.readouterr().out
+    # Default: one keyframe, so the window's 32 frames plus the reference frames before it
+    # (non-reference frames before the window are skipped); GOP 30: from frame 30 on.
+    assert 32 < decoded[30] < decoded[None] < 90
