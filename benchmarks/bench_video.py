@@ -5,7 +5,7 @@
 The clip is made here: 3 s, 30 fps, 640 x 480 H.264 from libx264 with its default settings
 (preset medium, crf 23: B-frames, one keyframe) and AAC audio, the astronaut's face
 (scikit-image) drifting over a moving background. ``--gop N`` puts a keyframe every N frames
-instead (phone cameras put one about every second): ours decodes from the keyframe before
+instead: ours decodes from the keyframe before
 the last 32 frames, so its decode shrinks with the keyframe interval, while the published
 method decodes every frame whatever it is. Cases, each from the file path to the float32
 (3, 32, 112, 112) tensor:
